@@ -1,0 +1,114 @@
+"""Rotary position embedding (the half-split "rotate_half" layout of HF Llama/Qwen)."""
+from __future__ import annotations
+
+import torch
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, attention_scaling: float, max_positions: int) -> torch.Tensor:
+    """Precompute [max_positions, head_dim] = cat(cos, sin) over the half dimension.
+
+    Computed exactly as HF does per position (position * inv_freq in fp32), so a table
+    lookup gives the same bits as HF's on-the-fly computation.
+    """
+    positions = torch.arange(max_positions, dtype=torch.int64).float()  # [P]
+    freqs = positions[:, None] * inv_freq.float()[None, :]  # [P, D/2]
+    cos = freqs.cos() * attention_scaling
+    sin = freqs.sin() * attention_scaling
+    return torch.cat([cos, sin], dim=-1)  # [P, D]
+
+
+def apply_rope_torch(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, Hq, D], k: [T, Hkv, D], positions: [T] int64, cos_sin: [P, D] fp32."""
+    half = q.shape[-1] // 2
+    cs = cos_sin.index_select(0, positions)  # [T, D]
+    cos = cs[:, None, :half].to(q.dtype)  # [T, 1, D/2]
+    sin = cs[:, None, half:].to(q.dtype)
+    return _rotate(q, cos, sin, half), _rotate(k, cos, sin, half)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
+    x1, x2 = x[..., :half], x[..., half:]
+    # HF: x * cat(cos, cos) + rotate_half(x) * cat(sin, sin), with rotate_half = cat(-x2, x1)
+    return torch.cat([x1 * cos + (-x2) * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# --- Triton -------------------------------------------------------------------------
+try:  # the CPU engine runs without Triton; only the launchers below need it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where Triton is absent
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _rotate_heads(
+        x_ptr, out_ptr, token, stride_t, stride_h, num_heads, half, cos, sin,
+        BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):
+        heads = tl.arange(0, BLOCK_HEADS)[:, None]
+        cols = tl.arange(0, BLOCK_HALF)[None, :]
+        mask = (heads < num_heads) & (cols < half)
+        src = x_ptr + token * stride_t + heads * stride_h + cols
+        x1 = tl.load(src, mask=mask, other=0.0)
+        x2 = tl.load(src + half, mask=mask, other=0.0)
+        dt = x1.dtype
+        c = cos.to(dt).to(tl.float32)  # the torch path casts the table to the model dtype
+        s = sin.to(dt).to(tl.float32)
+        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+        # Each product is rounded to the model dtype before the add, as torch does.
+        y1 = ((x1f * c).to(dt).to(tl.float32) + (-x2f * s).to(dt).to(tl.float32)).to(dt)
+        y2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
+        dst = out_ptr + token * num_heads * 2 * half + heads * 2 * half + cols
+        tl.store(dst, y1, mask=mask)
+        tl.store(dst + half, y2, mask=mask)
+
+    @triton.jit
+    def _rope_kernel(
+        q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cs_ptr,
+        q_stride_t, q_stride_h, k_stride_t, k_stride_h,
+        num_q_heads, num_kv_heads, half,
+        BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):
+        # One program per token rotates all its query and key heads with one table row.
+        token = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + token)
+        cols = tl.arange(0, BLOCK_HALF)
+        cos = tl.load(cs_ptr + pos * 2 * half + cols, mask=cols < half, other=0.0)
+        sin = tl.load(cs_ptr + pos * 2 * half + half + cols, mask=cols < half, other=0.0)
+        _rotate_heads(q_ptr, q_out_ptr, token, q_stride_t, q_stride_h, num_q_heads, half,
+                      cos[None, :], sin[None, :], BLOCK_QH, BLOCK_HALF)
+        _rotate_heads(k_ptr, k_out_ptr, token, k_stride_t, k_stride_h, num_kv_heads, half,
+                      cos[None, :], sin[None, :], BLOCK_KH, BLOCK_HALF)
+
+
+def apply_rope_triton(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as apply_rope_torch; q and k may be strided views (e.g. slices of a
+    fused qkv projection) as long as the head dimension is contiguous."""
+    if triton is None:
+        raise RuntimeError("apply_rope_triton needs the `triton` package")
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if k.shape[0] != num_tokens or k.shape[2] != head_dim or head_dim % 2:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not fit together")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        q, k = q.contiguous(), k.contiguous()
+    if cos_sin.dtype != torch.float32 or cos_sin.shape[1] != head_dim:
+        raise ValueError("cos_sin must be the fp32 [P, head_dim] table of rope_cos_sin")
+    cos_sin, positions = cos_sin.contiguous(), positions.to(torch.int64).contiguous()
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D] contiguous
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)  # [T, Hkv, D]
+    if num_tokens == 0:
+        return q_out, k_out
+    _rope_kernel[(num_tokens,)](
+        q, k, q_out, k_out, positions, cos_sin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        num_q_heads, num_kv_heads, head_dim // 2,
+        BLOCK_QH=triton.next_power_of_2(num_q_heads), BLOCK_KH=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+    )
+    return q_out, k_out
