@@ -88,6 +88,11 @@ def _attend_group(
     tables = _pad_columns(tables, num_keys // block_size)
     k = k_cache[tables].reshape(n, num_keys, num_kv_heads, head_dim).permute(0, 2, 1, 3).float()
     v = v_cache[tables].reshape(n, num_keys, num_kv_heads, head_dim).permute(0, 2, 1, 3).float()
+    seq_lens = meta.seq_lens.index_select(0, seq_idx)  # [n]
+    key_pos = torch.arange(num_keys, device=q.device)
+    # Slots past a sequence's end hold whatever an earlier user of the block left there;
+    # a stale inf/NaN would survive p = 0 (0 * inf = NaN), so zero them: exact otherwise.
+    v = v.masked_fill((key_pos[None, :] >= seq_lens[:, None])[:, None, :, None], 0.0)
 
     # Queries as rows (g, i) per KV head: [n, Hkv, rows, D], rows = G * q_len padded.
     rows_idx = torch.cat([torch.arange(qsl[s], qsl[s] + q_len, device=q.device) for s in seqs])
@@ -99,9 +104,7 @@ def _attend_group(
         qg = torch.nn.functional.pad(qg, (0, 0, 0, padded_rows - rows))
 
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [n, Hkv, rows, L]
-    seq_lens = meta.seq_lens.index_select(0, seq_idx)  # [n]
     q_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=q.device)[None, :]  # [n, q_len]
-    key_pos = torch.arange(num_keys, device=q.device)
     allowed = (key_pos[None, None, :] <= q_pos[:, :, None]).repeat(1, group, 1)  # [n, rows, L]
     if padded_rows > rows:  # padding rows see every key: finite, and discarded below
         allowed = torch.nn.functional.pad(allowed, (0, 0, 0, padded_rows - rows), value=True)

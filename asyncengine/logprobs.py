@@ -1,0 +1,167 @@
+"""The logprob contract (DESIGN.md), as functions shared by the sampler and trainers.
+
+For logits z (fp32) of one position and sampling params:
+  z'  = penalties(z) / T                      (T = 1 when greedy)
+  S   = top-k, then top-p, then min-p support on softmax(z')
+  p   = softmax(z' restricted to S)
+  processed logprob of t = log p(t);  raw logprob = log_softmax(z)[t]
+  log_kept_mass = logsumexp(z'[S]) - logsumexp(z')
+Ties are broken by lower token id everywhere (top-k, top-p, top-N), so the support is a
+pure function of the row, whatever else is in the batch. Every function works row by
+row on [R, V] tensors; a trainer calls the same functions on its own logits.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from asyncengine.sampling_params import SamplingParams
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """logits: [R, V] fp32 -> penalized copy (rows without penalties are unchanged).
+
+    repetition (HF): over prompt + output tokens, z/rp where z > 0 else z*rp;
+    then frequency and presence (OpenAI/vLLM): z - freq * count - presence * (count > 0)
+    over output tokens.
+    """
+    out = logits.clone()
+    for r, sp in enumerate(params):
+        z = out[r]  # [V]
+        if sp.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(prompt_ids[r]) | set(output_ids[r])), dtype=torch.int64)
+            if seen.numel():
+                vals = z.index_select(0, seen)
+                z.index_copy_(0, seen, torch.where(vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty))
+        if (sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0) and len(output_ids[r]):
+            counts = torch.bincount(torch.tensor(output_ids[r], dtype=torch.int64), minlength=z.numel())
+            counts = counts[: z.numel()].to(z.dtype)
+            z.sub_(sp.frequency_penalty * counts)
+            z.sub_(sp.presence_penalty * (counts > 0).to(z.dtype))
+    return out
+
+
+def apply_temperature(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """z' = z / T per row; greedy rows (T = 0) use T = 1."""
+    temps = [sp.temperature if sp.temperature > 0 else 1.0 for sp in params]
+    if all(t == 1.0 for t in temps):
+        return logits
+    return logits / torch.tensor(temps, dtype=logits.dtype)[:, None]
+
+
+def support_mask(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """[R, V] bool: tokens kept by top-k, then top-p, then min-p on softmax(z').
+
+    min-p is tested in logit space (z'_i - max z' >= log min_p), which is the same set
+    whatever renormalization came before, and exact.
+    """
+    mask = torch.ones_like(scaled, dtype=torch.bool)
+    for r, sp in enumerate(params):
+        if sp.top_k_active or sp.top_p < 1.0:
+            mask[r] = _top_k_top_p_row(scaled[r], sp.top_k, sp.top_p)
+        if sp.min_p > 0.0:
+            z = scaled[r]
+            mask[r] &= (z - z.max()) >= math.log(sp.min_p)
+    return mask
+
+
+def _top_k_top_p_row(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    vocab = z.numel()
+    # Stable descending sort: equal logits keep ascending token-id order.
+    sorted_z, order = torch.sort(z, descending=True, stable=True)
+    keep = torch.ones(vocab, dtype=torch.bool)
+    if 0 < top_k < vocab:
+        keep[top_k:] = False
+    if top_p < 1.0:
+        probs = torch.softmax(sorted_z.masked_fill(~keep, float("-inf")), dim=-1)
+        cumulative = torch.cumsum(probs, dim=-1)
+        mass_before = torch.cat([cumulative.new_zeros(1), cumulative[:-1]])  # exclusive
+        keep &= mass_before < top_p
+    mask = torch.zeros(vocab, dtype=torch.bool)
+    mask[order[keep]] = True
+    return mask
+
+
+def processed_log_probs(scaled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[R, V] log p over the support (-inf outside): log_softmax(z' restricted to S)."""
+    return torch.log_softmax(scaled.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def raw_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """[R, V] the model's own distribution: log_softmax(z), no penalties, T = 1."""
+    return torch.log_softmax(logits, dim=-1)
+
+
+def log_kept_mass(scaled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[R] logsumexp(z'[S]) - logsumexp(z'); processed = log_softmax(z')[t] - this."""
+    kept = torch.logsumexp(scaled.masked_fill(~mask, float("-inf")), dim=-1)
+    return kept - torch.logsumexp(scaled, dim=-1)
+
+
+def top_n(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:
+    """Per row, the n largest entries as (token_id, logprob), ties by lower token id."""
+    if n <= 0:
+        return [[] for _ in range(logprobs.shape[0])]
+    n = min(n, logprobs.shape[-1])
+    values, _ = torch.topk(logprobs, n, dim=-1)
+    out = []
+    for r in range(logprobs.shape[0]):
+        row, threshold = logprobs[r], values[r, -1]
+        above = torch.nonzero(row > threshold).flatten()
+        tied = torch.nonzero(row == threshold).flatten()[: n - above.numel()]
+        ids = torch.cat([above, tied])
+        vals = row.index_select(0, ids)
+        # Sort by value descending, then id ascending (ids are ascending within each part).
+        ids_sorted, perm = torch.sort(ids)
+        vals_sorted = vals[perm]
+        _, order = torch.sort(vals_sorted, descending=True, stable=True)
+        out.append(list(zip(ids_sorted[order].tolist(), vals_sorted[order].tolist())))
+    return out
+
+
+def uniform(seed: int, step: int) -> float:
+    """A uniform in [0, 1) that depends only on (seed, step) (splitmix64)."""
+    x = (seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    return (x >> 11) * (1.0 / (1 << 53))
+
+
+def sample_from(log_p: torch.Tensor, u: float) -> int:
+    """Inverse-CDF draw from one row of log p (token-id order, float64 cumulative sum)."""
+    cdf = torch.cumsum(torch.exp(log_p.double()), dim=-1)  # [V]
+    target = torch.tensor([u * cdf[-1].item()], dtype=torch.float64)
+    return int(torch.searchsorted(cdf, target, right=True).clamp_(max=log_p.numel() - 1).item())
+
+
+def sequence_logprobs(
+    logits: torch.Tensor,
+    prompt_ids: Sequence[int],
+    output_ids: Sequence[int],
+    params: SamplingParams,
+) -> dict[str, torch.Tensor]:
+    """What a trainer recomputes for one response: logits [N, V] fp32 at the N output
+    positions (row i predicts output_ids[i]). Returns per-token "processed", "raw" and
+    "log_kept_mass" tensors [N], using the penalty state each step had when sampled."""
+    n = len(output_ids)
+    rows = [params] * n
+    outs = [list(output_ids[:i]) for i in range(n)]
+    penalized = apply_penalties(logits.float(), rows, [prompt_ids] * n, outs)
+    scaled = apply_temperature(penalized, rows)
+    mask = support_mask(scaled, rows)
+    target = torch.tensor(list(output_ids), dtype=torch.int64)[:, None]
+    return {
+        "processed": processed_log_probs(scaled, mask).gather(1, target)[:, 0],
+        "raw": raw_log_probs(logits.float()).gather(1, target)[:, 0],
+        "log_kept_mass": log_kept_mass(scaled, mask),
+    }

@@ -1,0 +1,131 @@
+"""Builds the batch tensors of a step, runs the model, computes fp32 logits and samples."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from asyncengine import sampler
+from asyncengine.config import EngineConfig
+from asyncengine.models.args import ModelArgs, rope_inv_freq
+from asyncengine.models.llama import LlamaModel
+from asyncengine.models.weights import load_weights, read_safetensors
+from asyncengine.outputs import ModelRunnerOutput, PromptLogprobs, SampleResult, SchedulerOutput
+from asyncengine.request import Request
+from kernels.attention import AttentionMetadata
+from kernels.dispatch import get_ops
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_model(model_dir: Path, config: EngineConfig) -> tuple[LlamaModel, object]:
+    """Read config + safetensors of an HF checkpoint directory into our model."""
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(str(model_dir))
+    args = ModelArgs.from_hf_config(hf_config)
+    inv_freq, scaling = rope_inv_freq(hf_config, args.head_dim)
+    model = LlamaModel(
+        args,
+        inv_freq,
+        scaling,
+        get_ops(config.kernel_backend, config.device),
+        DTYPES[config.dtype],
+        DTYPES[config.head_dtype],
+        config.deterministic,
+        config.device,
+    )
+    load_weights(model, read_safetensors(model_dir))
+    return model, hf_config
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, config: EngineConfig, num_blocks: int) -> None:
+        self.model = model
+        self.config = config
+        self.block_size = config.block_size
+        a = model.args
+        shape = (num_blocks, config.block_size, a.num_kv_heads, a.head_dim)
+        # Zero-filled: padded block-table entries are read (then masked), never NaN.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=model.dtype, device=config.device),
+             torch.zeros(shape, dtype=model.dtype, device=config.device))
+            for _ in range(a.num_layers)
+        ]
+
+    @staticmethod
+    def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: str) -> int:
+        return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * DTYPES[dtype].itemsize
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        if not sched.scheduled:
+            return ModelRunnerOutput(samples={}, prompt_logprobs={})
+        input_ids, meta = self._prepare(sched)
+        hidden = self.model.forward(input_ids, meta, self.kv_caches)  # [T, H]
+        rows, sample_reqs, plp_slices = self._logit_rows(sched, meta)
+        if not rows:
+            return ModelRunnerOutput(samples={}, prompt_logprobs={})
+        logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(rows)))  # [R, V] fp32
+        samples: dict[str, SampleResult] = {}
+        if sample_reqs:
+            idx = torch.tensor([i for i, _ in sample_reqs])
+            results = sampler.sample(logits.index_select(0, idx), [r for _, r in sample_reqs])
+            samples = {r.request_id: res for (_, r), res in zip(sample_reqs, results)}
+        plps: dict[str, PromptLogprobs] = {}
+        for req, lo_row, (lo, hi) in plp_slices:
+            targets = req.prompt_token_ids[lo + 1 : hi + 1]
+            plps[req.request_id] = sampler.prompt_logprobs(
+                logits[lo_row : lo_row + hi - lo], targets, req.params.prompt_logprobs or 0
+            )
+        return ModelRunnerOutput(samples=samples, prompt_logprobs=plps)
+
+    def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        width = max(len(s.block_ids) for s in sched.scheduled)
+        tables: list[list[int]] = []
+        for s in sched.scheduled:
+            end = s.start + s.num_new_tokens
+            ids.extend(s.request.all_token_ids[s.start : end])
+            pos = range(s.start, end)
+            positions.extend(pos)
+            slots.extend(s.block_ids[p // bs] * bs + p % bs for p in pos)
+            qsl.append(qsl[-1] + s.num_new_tokens)
+            seq_lens.append(end)
+            tables.append(s.block_ids + [0] * (width - len(s.block_ids)))
+        dev = self.config.device
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int64, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            query_start_loc_list=qsl,
+            seq_lens_list=seq_lens,
+        )
+        return torch.tensor(ids, dtype=torch.int64, device=dev), meta
+
+    @staticmethod
+    def _logit_rows(
+        sched: SchedulerOutput, meta: AttentionMetadata
+    ) -> tuple[list[int], list[tuple[int, Request]], list[tuple[Request, int, tuple[int, int]]]]:
+        """Hidden rows that need logits: prompt-logprob positions, then the last row of
+        each request that samples. Returns (rows, [(logit row, request)], prompt slices)."""
+        rows: list[int] = []
+        sample_reqs: list[tuple[int, Request]] = []
+        plp: list[tuple[Request, int, tuple[int, int]]] = []
+        for i, s in enumerate(sched.scheduled):
+            first = meta.query_start_loc_list[i]
+            if s.prompt_logprob_range is not None:
+                lo, hi = s.prompt_logprob_range
+                plp.append((s.request, len(rows), (lo, hi)))
+                rows.extend(first + p - s.start for p in range(lo, hi))
+            if s.sample:
+                sample_reqs.append((len(rows), s.request))
+                rows.append(first + s.num_new_tokens - 1)
+        return rows, sample_reqs, plp
