@@ -1,0 +1,130 @@
+"""Paged attention over block tables for mixed batches (prefill chunks + decodes).
+
+- the torch reference against a dense float64 causal softmax(QK^T)V per sequence, with
+  K/V gathered from the block table (rtol = atol = 1e-5);
+- the Triton kernel (interpreter) against the torch reference: odd lengths, partial
+  blocks, chunk starts inside a block, key tiles spanning several blocks, GQA ratios
+  1/2/3/4, head dims 32/64/80 (rtol = atol = 1e-5, fp32);
+- invariance, bitwise: a sequence alone vs in a batch, and a query's output whatever
+  chunk of chunked prefill it is computed in.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+from typing import Callable
+
+import pytest
+import torch
+
+from kernels.attention import AttentionMetadata, paged_attention_torch, paged_attention_triton
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+# (sequence, seq_len, q_len): decodes at odd lengths and exactly at block/tile ends, a chunk
+# that starts mid-block, a fresh prefill, and a long chunk crossing key tiles.
+MIXED = [(0, 37, 1), (1, 64, 1), (2, 70, 13), (3, 5, 5), (4, 130, 40), (5, 17, 1), (6, 65, 1)]
+MAX_LENS = [37, 64, 70, 5, 130, 17, 65]
+
+
+def _impl(name: str, request: pytest.FixtureRequest) -> Callable[..., torch.Tensor]:
+    if name == "triton":
+        request.getfixturevalue("need_triton")
+        return paged_attention_triton
+    return paged_attention_torch
+
+
+def _dense(q: torch.Tensor, case: object, meta: AttentionMetadata, items: list[tuple[int, int, int]], scale: float) -> torch.Tensor:
+    """Plain causal attention in float64 per sequence, K/V gathered slot by slot."""
+    block_size, num_kv_heads = case.k_cache.shape[1], case.k_cache.shape[2]
+    group = q.shape[1] // num_kv_heads
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for s, (seq, seq_len, q_len) in enumerate(items):
+        table = case.tables[seq]
+        slots = [table[p // block_size] * block_size + p % block_size for p in range(seq_len)]
+        k = case.k_cache.view(-1, num_kv_heads, q.shape[2])[slots].double().repeat_interleave(group, 1)
+        v = case.v_cache.view(-1, num_kv_heads, q.shape[2])[slots].double().repeat_interleave(group, 1)
+        start = meta.query_start_loc_list[s]
+        qs = q[start : start + q_len].double()  # [q_len, Hq, D]
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
+        q_pos = torch.arange(seq_len - q_len, seq_len)[:, None]
+        scores.masked_fill_(torch.arange(seq_len)[None, :] > q_pos, float("-inf"))
+        out[start : start + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return out
+
+
+def test_torch_reference_matches_dense_attention(paged_case: Callable) -> None:
+    case = paged_case(MAX_LENS, 8, 2, 32, 16, seed=0)
+    q, meta = case.batch(MIXED)
+    out = paged_attention_torch(q, case.k_cache, case.v_cache, meta, 0.3)
+    torch.testing.assert_close(out.double(), _dense(q, case, meta, MIXED, 0.3), **TOL)
+
+
+@pytest.mark.usefixtures("need_triton")
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,block_size",
+    [(4, 4, 32, 16), (8, 4, 64, 16), (8, 2, 32, 8), (9, 3, 64, 16), (4, 2, 80, 32)],
+)
+def test_triton_matches_torch(paged_case: Callable, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> None:
+    case = paged_case(MAX_LENS, num_heads, num_kv_heads, head_dim, block_size, seed=head_dim + num_heads)
+    q, meta = case.batch(MIXED)
+    scale = head_dim**-0.5
+    ref = paged_attention_torch(q, case.k_cache, case.v_cache, meta, scale)
+    torch.testing.assert_close(paged_attention_triton(q, case.k_cache, case.v_cache, meta, scale), ref, **TOL)
+
+
+@pytest.mark.usefixtures("need_triton")
+def test_triton_accepts_strided_queries(paged_case: Callable) -> None:
+    case = paged_case([20, 9], 4, 2, 32, 16, seed=3)
+    q, meta = case.batch([(0, 20, 3), (1, 9, 1)])
+    wide = torch.cat([q, q], dim=1)[:, :4]  # [T, Hq, D] view with a token stride of 2 * Hq * D
+    ref = paged_attention_torch(q, case.k_cache, case.v_cache, meta, 0.2)
+    torch.testing.assert_close(paged_attention_triton(wide, case.k_cache, case.v_cache, meta, 0.2), ref, **TOL)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_sequence_alone_equals_sequence_in_batch(impl: str, paged_case: Callable, request: pytest.FixtureRequest) -> None:
+    attend = _impl(impl, request)
+    case = paged_case(MAX_LENS, 9, 3, 64, 16, seed=7)
+    q, meta = case.batch(MIXED)
+    batch = attend(q, case.k_cache, case.v_cache, meta, 0.125)
+    for s, item in enumerate(MIXED):
+        q_one, meta_one = case.batch([item])
+        alone = attend(q_one, case.k_cache, case.v_cache, meta_one, 0.125)
+        start, end = meta.query_start_loc_list[s], meta.query_start_loc_list[s + 1]
+        assert torch.equal(alone, batch[start:end]), f"sequence {s} changed inside the batch"
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_output_independent_of_prefill_chunking(impl: str, paged_case: Callable, request: pytest.FixtureRequest) -> None:
+    attend = _impl(impl, request)
+    case = paged_case([75], 8, 2, 32, 16, seed=11)
+    q, meta = case.batch([(0, 75, 75)])
+    whole = attend(q, case.k_cache, case.v_cache, meta, 0.2)  # [75, Hq, D]
+    # Chunks ending mid-block, mid-tile, one-token decodes after a prefill.
+    for chunks in ([29, 46], [7, 50, 18], [64, 10, 1]):
+        done = 0
+        for size in chunks:
+            q_c, meta_c = case.batch([(0, done + size, size)])
+            got = attend(q_c, case.k_cache, case.v_cache, meta_c, 0.2)
+            assert torch.equal(got, whole[done : done + size]), f"chunks {chunks}: rows {done}..{done + size}"
+            done += size
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("stale", [float("nan"), float("inf")])
+def test_stale_slots_never_leak(impl: str, stale: float, paged_case: Callable, request: pytest.FixtureRequest) -> None:
+    """A reused block keeps an earlier user's values past a sequence's end: even a
+    non-finite one must not change the output (0 * inf would be NaN)."""
+    attend = _impl(impl, request)
+    case = paged_case([21, 9], 4, 2, 32, 16, seed=5)
+    q, meta = case.batch([(0, 21, 4), (1, 9, 1)])
+    ref = attend(q, case.k_cache, case.v_cache, meta, 0.2)
+    used = torch.zeros(case.k_cache.shape[:2], dtype=torch.bool)
+    for seq, seq_len in ((0, 21), (1, 9)):
+        for p in range(seq_len):
+            used[case.tables[seq][p // 16], p % 16] = True
+    case.k_cache[~used] = stale
+    case.v_cache[~used] = stale
+    assert torch.equal(attend(q, case.k_cache, case.v_cache, meta, 0.2), ref)
