@@ -10,10 +10,12 @@ from typing import Callable
 
 import torch
 
+from kernels import attention, kv_store, rmsnorm, rope, sampling
 from kernels.attention import paged_attention_torch
 from kernels.kv_store import store_kv_torch
 from kernels.rmsnorm import rms_norm_torch
 from kernels.rope import apply_rope_torch
+from kernels.sampling import LogprobsOut, log_softmax_topn_torch, support_mask_torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +25,9 @@ class KernelOps:
     apply_rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     store_kv: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
+    # Sampling support (kernels/sampling.py): log_softmax + chosen + top-N, support mask.
+    log_softmax_topn: Callable[..., LogprobsOut] = log_softmax_topn_torch
+    support_mask: Callable[..., torch.Tensor] = support_mask_torch
 
 
 TORCH_OPS = KernelOps(
@@ -31,15 +36,49 @@ TORCH_OPS = KernelOps(
     apply_rope=apply_rope_torch,
     store_kv=store_kv_torch,
     paged_attention=paged_attention_torch,
+    log_softmax_topn=log_softmax_topn_torch,
+    support_mask=support_mask_torch,
 )
 
 
+def triton_available() -> bool:
+    return rmsnorm.triton is not None
+
+
 def get_ops(backend: str, device: str | torch.device) -> KernelOps:
-    """backend: "auto" (Triton on CUDA when Triton imports, else torch), "torch" or "triton"."""
+    """backend: "auto" (Triton on CUDA when Triton imports, else torch), "torch" or "triton"
+    (forced; on a CPU device that means the Triton interpreter)."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"unknown kernel backend {backend!r}")
-    if backend == "torch":
+    on_cuda = torch.device(device).type == "cuda"
+    if backend == "torch" or (backend == "auto" and not (on_cuda and triton_available())):
         return TORCH_OPS
-    if backend == "auto" and torch.device(device).type != "cuda":
-        return TORCH_OPS
-    raise NotImplementedError("the Triton backend is not built yet")
+    return _triton_ops(on_cuda)
+
+
+def _triton_ops(on_cuda: bool) -> KernelOps:
+    if not triton_available():
+        raise RuntimeError('kernel_backend="triton" needs the `triton` package, which cannot be imported')
+    if not on_cuda and not _interpreted():
+        # Without a GPU driver Triton cannot launch compiled kernels; the interpreter is
+        # chosen when the kernels are decorated, i.e. when triton is first imported.
+        raise RuntimeError(
+            'kernel_backend="triton" on a CPU device runs only under the Triton interpreter: '
+            "set TRITON_INTERPRET=1 before triton (or kernels.*) is first imported"
+        )
+    return KernelOps(
+        name="triton",
+        rms_norm=rmsnorm.rms_norm_triton,
+        apply_rope=rope.apply_rope_triton,
+        store_kv=kv_store.store_kv_triton,
+        paged_attention=attention.paged_attention_triton,
+        log_softmax_topn=sampling.log_softmax_topn_triton,
+        support_mask=sampling.support_mask_triton,
+    )
+
+
+def _interpreted() -> bool:
+    """Whether the kernels were built as interpreter functions (CPU-runnable)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(rmsnorm._rms_norm_kernel, InterpretedFunction)
