@@ -1,0 +1,71 @@
+"""Prometheus metrics of one server (its own registry, so several apps can coexist)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class _EngineCollector(Collector):
+    """Engine state read at scrape time from the engine's latest stats snapshot."""
+
+    def __init__(self, stats: Callable[[], dict[str, float]], healthy: Callable[[], bool]) -> None:
+        self.stats = stats
+        self.healthy = healthy
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats()
+        yield _gauge("num_requests_running", "Requests in the running batch", s["num_running"])
+        yield _gauge("num_requests_waiting", "Requests in the waiting queue", s["num_waiting"])
+        yield _gauge("kv_cache_usage_ratio", "Fraction of KV blocks in use", s["kv_usage"])
+        yield _gauge("kv_cache_free_blocks", "Free KV blocks", s["num_free_blocks"])
+        query, hit = s["prefix_query_tokens"], s["prefix_hit_tokens"]
+        yield _gauge("prefix_cache_hit_rate", "Prefix-cache hit tokens / queried tokens", hit / query if query else 0.0)
+        yield _counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", query)
+        yield _counter("prefix_cache_hits", "Prompt tokens served from the prefix cache", hit)
+        yield _counter("num_preemptions", "Requests preempted (KV freed, recomputed)", s["num_preemptions"])
+        yield _gauge("weight_version", "Version of the weights being served", s["weight_version"])
+        yield _gauge("healthy", "1 while the engine thread is alive", 1.0 if self.healthy() else 0.0)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"asyncengine_{name}", doc, value=float(value))
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"asyncengine_{name}", doc, value=float(value))
+
+
+class Metrics:
+    """Request and token counters, latency histograms, and the engine's gauges."""
+
+    def __init__(self, stats: Callable[[], dict[str, float]], healthy: Callable[[], bool]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("asyncengine_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("asyncengine_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
+        self.generation_tokens = Counter("asyncengine_generation_tokens", "Tokens generated", registry=r)
+        self.step_seconds = Histogram(
+            "asyncengine_step_seconds", "Duration of one engine step", registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
+        self.ttft = Histogram(
+            "asyncengine_time_to_first_token_seconds", "Request arrival to first token", registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.e2e = Histogram(
+            "asyncengine_e2e_request_latency_seconds", "Request arrival to last token", registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        r.register(_EngineCollector(stats, healthy))
+
+    def observe_step(self, seconds: float, num_tokens: int, num_requests: int) -> None:
+        """Engine-thread callback (prometheus-client metrics are thread-safe)."""
+        self.step_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,154 @@
+"""Turn the prompt fields of completions and chat requests into token ids."""
+from __future__ import annotations
+
+from typing import Any
+
+from api.protocol import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    APIError,
+    GenerationRequest,
+    bad,
+    check_fields,
+    check_unsupported,
+    common_request,
+)
+from asyncengine.sampling_params import MAX_TOP_LOGPROBS
+
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+def parse_completion(body: Any, tokenizer: Any | None, vocab_size: int) -> GenerationRequest:
+    """Validate a /v1/completions body and tokenize its prompt(s)."""
+    body = check_fields(body, COMPLETION_FIELDS)
+    check_unsupported(body)
+    if "prompt" not in body:
+        raise bad("'prompt' is required", "prompt", "missing_required_parameter")
+    add_special = body.get("add_special_tokens", True)
+    ids, texts = completion_prompts(body["prompt"], tokenizer, add_special, vocab_size)
+    req = common_request("completion", body, ids)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != req.n:
+        raise bad("best_of is only supported equal to n", "best_of", "unsupported_parameter")
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        _check_top_n(logprobs, "logprobs")
+        req.sampling["logprobs"] = logprobs
+    req.logprobs = logprobs
+    req.echo = body.get("echo", False)
+    if req.echo:
+        req.prompt_texts = [t if t is not None else _decode(tokenizer, p) for t, p in zip(texts, ids)]
+        if logprobs is not None:
+            req.sampling["prompt_logprobs"] = logprobs
+    return req
+
+
+def parse_chat(body: Any, tokenizer: Any | None, vocab_size: int) -> GenerationRequest:
+    """Validate a /v1/chat/completions body and render its messages with the chat template."""
+    body = check_fields(body, CHAT_FIELDS)
+    check_unsupported(body)
+    if "messages" not in body:
+        raise bad("'messages' is required", "messages", "missing_required_parameter")
+    text = render_chat(body["messages"], tokenizer, body.get("add_generation_prompt", True))
+    ids = list(tokenizer.encode(text, add_special_tokens=body.get("add_special_tokens", False)))
+    req = common_request("chat", body, [ids])
+    top = body.get("top_logprobs")
+    if top is not None:
+        _check_top_n(top, "top_logprobs")
+        if not body.get("logprobs", False):
+            raise bad("top_logprobs requires logprobs to be true", "top_logprobs")
+    if body.get("logprobs", False):
+        req.logprobs = top or 0
+        req.sampling["logprobs"] = req.logprobs
+    return req
+
+
+def _check_top_n(value: int, param: str) -> None:
+    if not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise bad(f"'{param}' must be between 0 and {MAX_TOP_LOGPROBS}, got {value}", param)
+
+
+def completion_prompts(
+    prompt: Any, tokenizer: Any | None, add_special_tokens: bool, vocab_size: int
+) -> tuple[list[list[int]], list[str | None]]:
+    """A string, a list of strings, token ids or a list of token-id lists -> (ids, texts)."""
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        items = prompt
+    else:
+        raise bad("'prompt' must be a string, a list of strings, token ids or a list of token id lists",
+                  "prompt", "invalid_type")
+    ids: list[list[int]] = []
+    texts: list[str | None] = []
+    for item in items:
+        if isinstance(item, str):
+            ids.append(_encode(tokenizer, item, add_special_tokens))
+            texts.append(item)
+        elif isinstance(item, list) and all(_is_int(t) for t in item):
+            ids.append(check_token_ids(item, vocab_size, "prompt"))
+            texts.append(None)
+        else:
+            raise bad("'prompt' must not mix strings and token ids", "prompt", "invalid_type")
+        if not ids[-1]:
+            raise bad("the prompt is empty", "prompt")
+    return ids, texts
+
+
+def check_token_ids(ids: Any, vocab_size: int, param: str) -> list[int]:
+    if not isinstance(ids, list) or not all(_is_int(t) and 0 <= t < vocab_size for t in ids):
+        raise bad(f"'{param}' token ids must be integers in [0, {vocab_size})", param, "invalid_value")
+    return ids
+
+
+def render_chat(messages: Any, tokenizer: Any | None, add_generation_prompt: bool) -> str:
+    """The conversation as text, through the tokenizer's chat template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise APIError(422, "this model has no chat template", param="messages", code="no_chat_template")
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list", "messages", "invalid_type")
+    clean = [_message(m, i) for i, m in enumerate(messages)]
+    try:
+        return str(tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=add_generation_prompt))
+    except Exception as exc:  # a template may raise on a conversation it does not accept
+        raise bad(f"the chat template rejected the messages: {exc}", "messages") from exc
+
+
+def _message(m: Any, i: int) -> dict[str, str]:
+    param = f"messages[{i}]"
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise bad(f"{param} must be an object with a string 'role'", param, "invalid_type")
+    if m["role"] not in _ROLES:
+        raise bad(f"{param}.role must be one of {sorted(_ROLES)}", f"{param}.role", "invalid_value")
+    content = m.get("content")
+    if content is None:
+        content = ""
+    elif isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"{param}.content supports only text parts", f"{param}.content", "invalid_type")
+            parts.append(part["text"])
+        content = "".join(parts)
+    elif not isinstance(content, str):
+        raise bad(f"{param}.content must be a string or a list of text parts", f"{param}.content", "invalid_type")
+    out = {"role": m["role"], "content": content}
+    if isinstance(m.get("name"), str):
+        out["name"] = m["name"]
+    return out
+
+
+def _encode(tokenizer: Any | None, text: str, add_special_tokens: bool) -> list[int]:
+    if tokenizer is None:
+        raise APIError(422, "text prompts need a tokenizer; send token ids", param="prompt", code="no_tokenizer")
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _decode(tokenizer: Any | None, ids: list[int]) -> str:
+    return "" if tokenizer is None else str(tokenizer.decode(ids, skip_special_tokens=False))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

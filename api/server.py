@@ -1,0 +1,188 @@
+"""The OpenAI-compatible HTTP server (aiohttp): app factory, CLI flags and entry point.
+
+The engine modules (torch) are imported lazily, so building the CLI parser stays cheap.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from api.protocol import APIError
+
+if TYPE_CHECKING:
+    from asyncengine.async_engine import AsyncEngine
+    from asyncengine.config import EngineConfig
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_BODY_BYTES = 32 * 2**20
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+ENGINE_KEY: web.AppKey[Any] = web.AppKey("engine", object)
+METRICS_KEY: web.AppKey[Any] = web.AppKey("metrics", object)
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """Server flags of `asyncengine serve` (engine flags come from cli.add_engine_args)."""
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="model name(s) clients may send (default: the model path or directory name)")
+    parser.add_argument("--max-waiting", type=int, default=None,
+                        help="bound of the waiting queue; past it requests get 503 + Retry-After")
+    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
+                        help="largest request body (413 beyond)")
+    parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
+
+
+def create_app(
+    engine: AsyncEngine, served_model_names: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    shutdown_engine: bool = False,
+) -> web.Application:
+    """The aiohttp application serving `engine`; with shutdown_engine the app's cleanup stops it."""
+    from api.generation import GenerationHandler
+    from api.metrics import Metrics
+
+    names = served_model_names or [engine.core.model_dir.name]
+    metrics = Metrics(engine.stats, lambda: engine.is_healthy)
+    engine.step_observer = metrics.observe_step
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[_error_middleware(metrics)])
+    app[ENGINE_KEY] = engine
+    app[METRICS_KEY] = metrics
+    gen = GenerationHandler(engine, metrics, names)
+    info = _Info(engine, names)
+    app.router.add_post("/v1/completions", gen.completions)
+    app.router.add_post("/v1/chat/completions", gen.chat)
+    app.router.add_get("/v1/models", info.models)
+    app.router.add_get("/health", info.health)
+    app.router.add_get("/metrics", info.metrics(metrics))
+    app.router.add_post("/tokenize", info.tokenize)
+    app.router.add_post("/detokenize", info.detokenize)
+    app.router.add_get("/tokenizer_info", info.tokenizer_info)
+    if shutdown_engine:
+        async def _stop(_: web.Application) -> None:
+            engine.shutdown()
+
+        app.on_cleanup.append(_stop)
+    return app
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json", headers=headers)
+
+
+def _error_middleware(metrics: Any) -> Any:
+    """Every error leaves as OpenAI-style JSON; also counts requests per endpoint and status."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "unknown"
+        try:
+            resp = await handler(request)
+        except APIError as exc:
+            resp = json_response(exc.body(), exc.status, exc.headers)
+        except web.HTTPException as exc:  # 404 route, 405 method, 413 body too large, ...
+            if exc.status < 400:
+                raise
+            resp = json_response(_http_error(exc).body(), exc.status)
+        except Exception as exc:  # a bug: say so in JSON, never crash the server
+            log.exception("unhandled error on %s", request.path)
+            resp = json_response(APIError(500, f"internal error: {exc!r}", "server_error").body(), 500)
+        metrics.requests.labels(endpoint, str(resp.status)).inc()
+        return resp
+
+    return middleware
+
+
+def _http_error(exc: web.HTTPException) -> APIError:
+    if exc.status == 413:
+        return APIError(413, f"Request body too large: {exc.text}", code="request_too_large")
+    if exc.status == 404:
+        return APIError(404, f"Not found: {exc.reason}", "not_found_error", code="not_found")
+    if exc.status == 405:
+        return APIError(405, "Method not allowed", code="method_not_allowed")
+    return APIError(exc.status, exc.reason or "HTTP error", "invalid_request_error")
+
+
+class _Info:
+    """Models, health, metrics and tokenizer endpoints."""
+
+    def __init__(self, engine: AsyncEngine, names: list[str]) -> None:
+        self.engine = engine
+        self.names = names
+        self.created = int(time.time())
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [{"id": n, "object": "model", "created": self.created, "owned_by": "asyncengine",
+                 "root": str(self.engine.core.model_dir), "max_model_len": self.engine.model_info.max_model_len}
+                for n in self.names]
+        return json_response({"object": "list", "data": data})
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.engine.is_healthy:
+            return json_response({"status": "ok"})
+        err = APIError(503, f"engine unhealthy: {self.engine.dead_error!r}", "server_error", code="engine_dead")
+        return json_response(err.body(), 503)
+
+    def metrics(self, metrics: Any) -> Handler:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        return handler
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        from api.tokens import tokenize
+
+        return json_response(await tokenize(request, self.engine))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        from api.tokens import detokenize
+
+        return json_response(await detokenize(request, self.engine))
+
+    async def tokenizer_info(self, request: web.Request) -> web.Response:
+        from api.tokens import tokenizer_info
+
+        return json_response(tokenizer_info(self.engine))
+
+
+def serve(args: argparse.Namespace, config: EngineConfig) -> None:
+    """`asyncengine serve`: load the engine, then serve HTTP until interrupted."""
+    from asyncengine.async_engine import AsyncEngine
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "max_waiting", None) is not None:
+        config = config.with_options(max_waiting=args.max_waiting)
+    use_uvloop = not getattr(args, "no_uvloop", False)
+    engine = AsyncEngine.from_config(config)
+    names = args.served_model_name or [args.model if args.model else engine.core.model_dir.name]
+    max_body = int(getattr(args, "max_body_mb", DEFAULT_MAX_BODY_BYTES / 2**20) * 2**20)
+    app = create_app(engine, names, max_body, shutdown_engine=True)
+    log.info("serving %s on http://%s:%d", names[0], args.host, args.port)
+    web.run_app(
+        app, host=args.host, port=args.port, handler_cancellation=True, loop=_new_loop(use_uvloop),
+        access_log=logging.getLogger("aiohttp.access") if getattr(args, "access_log", False) else None,
+        print=None,
+    )
+
+
+def _new_loop(use_uvloop: bool) -> Any:
+    """A fresh event loop: uvloop when installed (faster I/O for many SSE streams)."""
+    import asyncio
+
+    if use_uvloop:
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop()
+        except ImportError:
+            log.info("uvloop is not installed; using asyncio's default loop")
+    return asyncio.new_event_loop()
