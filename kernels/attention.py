@@ -91,8 +91,12 @@ def _attend_group(
     seq_lens = meta.seq_lens.index_select(0, seq_idx)  # [n]
     key_pos = torch.arange(num_keys, device=q.device)
     # Slots past a sequence's end hold whatever an earlier user of the block left there;
-    # a stale inf/NaN would survive p = 0 (0 * inf = NaN), so zero them: exact otherwise.
-    v = v.masked_fill((key_pos[None, :] >= seq_lens[:, None])[:, None, :, None], 0.0)
+    # a stale inf/NaN would survive p = 0 (0 * inf = NaN), so zero them (v is a gathered
+    # copy, never the cache): exact otherwise, and a no-op when no slot is past an end.
+    shortest = min(lens[s] for s in seqs)
+    if shortest < num_keys:
+        past_end = key_pos[None, shortest:] >= seq_lens[:, None]  # [n, L - shortest]
+        v[:, :, shortest:].masked_fill_(past_end[:, None, :, None], 0.0)
 
     # Queries as rows (g, i) per KV head: [n, Hkv, rows, D], rows = G * q_len padded.
     rows_idx = torch.cat([torch.arange(qsl[s], qsl[s] + q_len, device=q.device) for s in seqs])

@@ -34,9 +34,19 @@ def log_softmax_topn_torch(
     log_p = torch.log_softmax(z, dim=-1)  # [R, V]
     chosen = log_p.gather(1, token_ids.long()[:, None])[:, 0]
     n = min(num_top, log_p.shape[1])
-    # A stable descending sort keeps equal values in ascending token-id order.
-    values, ids = torch.sort(log_p, dim=-1, descending=True, stable=True)
-    return LogprobsOut(log_p, chosen, ids[:, :n], values[:, :n])
+    # topk on the (value, -token id) key: exact ties go to the lower id, without a sort.
+    ids = torch.topk(order_keys(log_p), n, dim=-1).indices  # [R, n], value desc then id asc
+    return LogprobsOut(log_p, chosen, ids, log_p.gather(1, ids))
+
+
+def order_keys(x: torch.Tensor) -> torch.Tensor:
+    """[R, V] fp32 -> [R, V] int64 keys ordered by value, then by lower token id (the
+    Triton kernels' _sort_key): the fp32 bits made monotone, then the id bits below."""
+    bits = (x + 0.0).view(torch.int32)  # + 0.0 makes -0.0 equal to +0.0
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    id_bits = max(1, (x.shape[1] - 1).bit_length())
+    ids = torch.arange(x.shape[1], device=x.device)
+    return ordered * (1 << id_bits) + ((1 << id_bits) - 1 - ids)
 
 
 def support_mask_torch(

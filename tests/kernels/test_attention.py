@@ -127,4 +127,6 @@ def test_stale_slots_never_leak(impl: str, stale: float, paged_case: Callable, r
             used[case.tables[seq][p // 16], p % 16] = True
     case.k_cache[~used] = stale
     case.v_cache[~used] = stale
+    v_before = case.v_cache.clone()
     assert torch.equal(attend(q, case.k_cache, case.v_cache, meta, 0.2), ref)
+    assert torch.equal(case.v_cache.nan_to_num(), v_before.nan_to_num()), "the cache was modified"

@@ -1,0 +1,173 @@
+"""Time each kernel op at engine-like shapes (SmolLM2-135M: hidden 576, 9 query heads,
+3 KV heads, head dim 64, KV block 16, vocab 49152).
+
+CPU: the torch references (the CPU engine's production path). CUDA (when a device
+exists): the Triton kernels vs the torch references on the same inputs. The Triton
+interpreter is a correctness tool, so it is never timed; without a CUDA device this
+prints that instead of a figure.
+
+    python bench/kernels.py [--repeats 20] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+
+from kernels import attention, kv_store, rmsnorm, rope, sampling  # noqa: E402
+from kernels.attention import AttentionMetadata  # noqa: E402
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, BLOCK, VOCAB = 576, 9, 3, 64, 16, 49152
+DECODE_BATCH, DECODE_CONTEXT, PREFILL_CHUNK = 64, 512, 512
+
+Case = tuple[str, str, Callable[[], object], Callable[[], object] | None]  # op, shape, torch, triton
+
+
+def _time_ms(fn: Callable[[], object], repeats: int, cuda: bool) -> tuple[float, float]:
+    """(median, min) wall time of one call in ms, after warm-up calls (the first calls of
+    an op pay one-off costs). On a shared machine the min is the steadier figure."""
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples), min(samples)
+
+
+def _attention_batch(specs: list[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> tuple:
+    """(seq_len, q_len) per sequence -> q, caches, metadata; blocks laid out in order."""
+    tables, qsl, positions, slots, next_block = [], [0], [], [], 0
+    for seq_len, q_len in specs:
+        blocks = -(-seq_len // BLOCK)
+        tables.append(list(range(next_block, next_block + blocks)))
+        next_block += blocks
+        qsl.append(qsl[-1] + q_len)
+        positions += list(range(seq_len - q_len, seq_len))
+        slots += [tables[-1][p // BLOCK] * BLOCK + p % BLOCK for p in range(seq_len - q_len, seq_len)]
+    width = max(len(t) for t in tables)
+    lens = [s for s, _ in specs]
+
+    def tensor(values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    meta = AttentionMetadata(tensor(qsl), tensor(lens), tensor([t + [0] * (width - len(t)) for t in tables]),
+                             tensor(slots), tensor(positions), qsl, lens)
+    cache = (next_block, BLOCK, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(cache, device=device, dtype=dtype)
+    v_cache = torch.randn(cache, device=device, dtype=dtype)
+    q = torch.randn(qsl[-1], HEADS, HEAD_DIM, device=device, dtype=dtype)
+    return q, k_cache, v_cache, meta
+
+
+def _cases(device: torch.device, dtype: torch.dtype, triton_ok: bool) -> list[Case]:
+    def pick(fn: Callable[[], object]) -> Callable[[], object] | None:
+        return fn if triton_ok else None
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    cases: list[Case] = []
+    w = t(HIDDEN)
+    for tokens, label in ((DECODE_BATCH, f"decode {DECODE_BATCH} tok"), (PREFILL_CHUNK, f"prefill {PREFILL_CHUNK} tok")):
+        x, res = t(tokens, HIDDEN), t(tokens, HIDDEN)
+        cases.append(("rms_norm+residual", label, lambda x=x, r=res: rmsnorm.rms_norm_torch(x, w, 1e-5, r),
+                      pick(lambda x=x, r=res: rmsnorm.rms_norm_triton(x, w, 1e-5, r))))
+        qkv = t(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
+        q = qkv[:, : HEADS * HEAD_DIM].view(tokens, HEADS, HEAD_DIM)
+        k = qkv[:, HEADS * HEAD_DIM : (HEADS + KV_HEADS) * HEAD_DIM].view(tokens, KV_HEADS, HEAD_DIM)
+        pos = torch.randint(0, 2048, (tokens,), device=device)
+        inv_freq = 1.0 / (100000.0 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+        cos_sin = rope.rope_cos_sin(inv_freq, 1.0, 2048).to(device)
+        cases.append(("rope", label, lambda q=q, k=k, p=pos: rope.apply_rope_torch(q, k, p, cos_sin),
+                      pick(lambda q=q, k=k, p=pos: rope.apply_rope_triton(q, k, p, cos_sin))))
+        kc, vc = t(2048, BLOCK, KV_HEADS, HEAD_DIM), t(2048, BLOCK, KV_HEADS, HEAD_DIM)
+        slots = torch.randperm(2048 * BLOCK, device=device)[:tokens]
+        cases.append(("store_kv", label, lambda k=k, s=slots: kv_store.store_kv_torch(k, k, kc, vc, s),
+                      pick(lambda k=k, s=slots: kv_store.store_kv_triton(k, k, kc, vc, s))))
+    return cases + _attention_cases(device, dtype, pick) + _sampling_cases(device, pick)
+
+
+def _attention_cases(device: torch.device, dtype: torch.dtype, pick: Callable) -> list[Case]:
+    batches = {
+        f"decode {DECODE_BATCH} x ctx {DECODE_CONTEXT}": [(DECODE_CONTEXT, 1)] * DECODE_BATCH,
+        f"prefill chunk {PREFILL_CHUNK}, no prefix": [(PREFILL_CHUNK, PREFILL_CHUNK)],
+        f"prefill chunk {PREFILL_CHUNK} after 512 cached": [(512 + PREFILL_CHUNK, PREFILL_CHUNK)],
+        "mixed: chunk 256 + 32 decodes": [(384, 256)] + [(DECODE_CONTEXT, 1)] * 32,
+    }
+    cases: list[Case] = []
+    for label, specs in batches.items():
+        q, kc, vc, meta = _attention_batch(specs, device, dtype)
+        scale = HEAD_DIM**-0.5
+        cases.append(("paged_attention", label,
+                      lambda q=q, kc=kc, vc=vc, m=meta: attention.paged_attention_torch(q, kc, vc, m, scale),
+                      pick(lambda q=q, kc=kc, vc=vc, m=meta: attention.paged_attention_triton(q, kc, vc, m, scale))))
+    return cases
+
+
+def _sampling_cases(device: torch.device, pick: Callable) -> list[Case]:
+    rows = DECODE_BATCH
+    z = torch.randn(rows, VOCAB, device=device) * 3  # logits are fp32 whatever the model dtype
+    ids = torch.randint(0, VOCAB, (rows,), device=device)
+    top_k = torch.full((rows,), 50, device=device)
+    top_p = torch.full((rows,), 0.9, dtype=torch.float64, device=device)
+    min_p = torch.zeros(rows, dtype=torch.float64, device=device)
+    mask = sampling.support_mask_torch(z, top_k, top_p, min_p)
+    label = f"{rows} rows x vocab {VOCAB}"
+    return [
+        ("log_softmax+top20", label + ", raw", lambda: sampling.log_softmax_topn_torch(z, ids, 20),
+         pick(lambda: sampling.log_softmax_topn_triton(z, ids, 20))),
+        ("log_softmax+top20", label + ", masked", lambda: sampling.log_softmax_topn_torch(z, ids, 20, mask),
+         pick(lambda: sampling.log_softmax_topn_triton(z, ids, 20, mask))),
+        ("support_mask k50 p0.9", label, lambda: sampling.support_mask_torch(z, top_k, top_p, min_p),
+         pick(lambda: sampling.support_mask_triton(z, top_k, top_p, min_p))),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    triton_ok = cuda and rmsnorm.triton is not None
+    device = torch.device("cuda" if cuda else "cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}")
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores / 2:  # multi-threaded torch ops stall when their threads get descheduled
+        print(f"warning: load average {load:.1f} on {cores} cores; other work competes for the "
+              "CPU and these figures overstate the cost (try --threads 1)")
+    if not cuda:
+        print("No CUDA device exists on this machine: Triton kernels are not timed here "
+              "(they are verified under TRITON_INTERPRET=1 in tests/kernels; the interpreter "
+              "is not a speed measure). Torch references on CPU, fp32:")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    header = f"{'op':<24}{'shape':<40}{'torch ms (median / min)':>24}"
+    header += f"{'triton ms (median / min)':>26}{'speedup':>9}" if triton_ok else ""
+    print(header)
+    print("-" * len(header))
+    for op, shape, torch_fn, triton_fn in _cases(device, dtype, triton_ok):
+        med, best = _time_ms(torch_fn, args.repeats, cuda)
+        line = f"{op:<24}{shape:<40}{med:>14.3f} / {best:<7.3f}"
+        if triton_fn is not None:
+            t_med, t_best = _time_ms(triton_fn, args.repeats, cuda)
+            line += f"{t_med:>16.3f} / {t_best:<7.3f}{med / t_med:>8.2f}x"
+        print(line)
+
+if __name__ == "__main__":
+    main()
