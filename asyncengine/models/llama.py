@@ -30,6 +30,20 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, min_rows: i
     return F.linear(x, w, b)
 
 
+def silu_mul(gate_up: torch.Tensor, exact: bool) -> torch.Tensor:
+    """gate_up: [T, 2I] (gate | up) -> silu(gate) * up: [T, I].
+
+    exact: F.silu uses a faster exp in its vectorized body than in its scalar tail, so a
+    row that a thread split cuts at a column not a multiple of 32 rounds differently;
+    x / (1 + exp(-x)) in fp32 uses the same exp everywhere (and rounds once to the dtype).
+    """
+    gate, up = gate_up.chunk(2, dim=-1)
+    if not exact:
+        return F.silu(gate) * up
+    g = gate.float()
+    return (g / (1.0 + torch.exp(-g))).to(gate.dtype) * up
+
+
 @dataclass(slots=True)
 class LayerWeights:
     attn_norm: torch.Tensor  # [H]
@@ -60,6 +74,7 @@ class LlamaModel:
     ) -> None:
         self.args, self.ops, self.dtype, self.head_dtype = args, ops, dtype, head_dtype
         self.min_rows = MIN_GEMM_ROWS if deterministic else 1
+        self.deterministic = deterministic
         self.scale = args.head_dim**-0.5
         self.cos_sin = rope_cos_sin(inv_freq, rope_scaling, args.max_position_embeddings).to(device)
 
@@ -132,5 +147,5 @@ class LlamaModel:
         return linear(o.reshape(t, a.num_heads * d), layer.o_proj, layer.o_bias, self.min_rows)
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, layer.gate_up, layer.gate_up_bias, self.min_rows).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, layer.down, layer.down_bias, self.min_rows)
+        gate_up = linear(x, layer.gate_up, layer.gate_up_bias, self.min_rows)  # [T, 2 I]
+        return linear(silu_mul(gate_up, self.deterministic), layer.down, layer.down_bias, self.min_rows)

@@ -1,0 +1,151 @@
+"""Row invariance of the CPU ops the model runs, measured op by op.
+
+A row's result must not depend on how many other rows share the call, where the row
+sits, or how many threads run it. Each test computes every row alone and inside larger
+batches and compares bitwise; the negative controls show the same check catches the
+raw torch ops that are NOT row-invariant on this machine (MKL small-M sgemm kernels,
+F.silu's vectorized body vs scalar tail).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from asyncengine.models.llama import MIN_GEMM_ROWS, linear, silu_mul
+from kernels.attention import AttentionMetadata, paged_attention_torch
+from kernels.rmsnorm import rms_norm_torch
+
+# (in, out) of the projections of the tiny test models and of SmolLM2-135M.
+GEMM_SHAPES = [(64, 128), (64, 256), (128, 64), (64, 384), (576, 960), (1536, 576)]
+ROW_COUNTS = list(range(1, 41)) + [63, 64, 65, 127, 128, 129]
+
+
+@contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def rows_that_differ(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, counts: list[int]) -> list[int]:
+    """Row counts M for which op(x[:M]) differs in some row from that row computed alone."""
+    alone = torch.cat([op(x[i : i + 1]) for i in range(max(counts))])
+    return [m for m in counts if not torch.equal(op(x[:m]), alone[:m])]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("k,n", GEMM_SHAPES)
+def test_linear_rows_are_invariant(k: int, n: int, threads: int) -> None:
+    g = torch.Generator().manual_seed(k * n)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    x = torch.randn(max(ROW_COUNTS), k, generator=g)
+    with num_threads(threads):
+        assert rows_that_differ(lambda t: linear(t, w, b, MIN_GEMM_ROWS), x, ROW_COUNTS) == []
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_negative_control_unpadded_gemm_is_not_row_invariant(threads: int) -> None:
+    """Measured: MKL sgemm rounds a row differently for M <= 3 (1 thread) or M <= 11 (2
+    threads) than for M >= 12 -- why linear() pads to MIN_GEMM_ROWS."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(960, 576, generator=g), torch.randn(64, 576, generator=g)
+    with num_threads(threads):
+        full = F.linear(x, w)
+        bad = [m for m in range(1, 33) if not torch.equal(F.linear(x[:m], w), full[:m])]
+    assert bad and max(bad) < MIN_GEMM_ROWS
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+@pytest.mark.parametrize("inter", [128, 1000, 1536])
+def test_silu_mul_rows_are_invariant(inter: int, threads: int) -> None:
+    g = torch.Generator().manual_seed(inter)
+    x = torch.randn(300, 2 * inter, generator=g) * 4
+    with num_threads(threads):
+        assert rows_that_differ(lambda t: silu_mul(t, exact=True), x, list(range(1, 80)) + [299, 300]) == []
+
+
+def test_negative_control_f_silu_is_not_row_invariant() -> None:
+    """Measured: F.silu uses a faster exp in its vectorized body than in its scalar tail,
+    so a row split between threads at a column that is not a multiple of 32 rounds
+    differently (intermediate 1000 with 2 threads; SmolLM2's 1536 with 5 threads)."""
+    g = torch.Generator().manual_seed(1000)
+    x = torch.randn(300, 2000, generator=g) * 4
+    with num_threads(2):
+        assert rows_that_differ(lambda t: silu_mul(t, exact=False), x, list(range(30, 60))) != []
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("hidden", [32, 64, 576])
+def test_rms_norm_rows_are_invariant(hidden: int, threads: int) -> None:
+    g = torch.Generator().manual_seed(hidden)
+    x, r = torch.randn(300, hidden, generator=g), torch.randn(300, hidden, generator=g)
+    w = 1 + 0.1 * torch.randn(hidden, generator=g)
+    xr = torch.cat([x, r], dim=1)
+    with num_threads(threads):
+        op = lambda t: torch.cat(rms_norm_torch(t[:, :hidden], w, 1e-6, t[:, hidden:].clone()), dim=1)  # noqa: E731
+        assert rows_that_differ(op, xr, ROW_COUNTS) == []
+
+
+# --- paged attention ------------------------------------------------------------------
+BLOCK = 16
+
+
+def _meta(chunks: list[tuple[int, int]], tables: list[list[int]]) -> AttentionMetadata:
+    """chunks: (seq_len after the step, query rows) per sequence."""
+    qsl = [0]
+    for _, q in chunks:
+        qsl.append(qsl[-1] + q)
+    width = max(len(t) for t in tables)
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    positions = [p for n, q in chunks for p in range(n - q, n)]
+    return AttentionMetadata(
+        query_start_loc=torch.tensor(qsl), seq_lens=torch.tensor([n for n, _ in chunks]),
+        block_tables=torch.tensor(padded), slot_mapping=torch.zeros(qsl[-1], dtype=torch.int64),
+        positions=torch.tensor(positions), query_start_loc_list=qsl, seq_lens_list=[n for n, _ in chunks],
+    )
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (9, 3, 64)])
+def test_paged_attention_rows_are_invariant(heads: int, kv_heads: int, head_dim: int, threads: int) -> None:
+    """The query at position p of one sequence gives the same bits as a decode alone, as
+    a decode among others of any length, and as any row of a prefill chunk of any size."""
+    g = torch.Generator().manual_seed(heads)
+    num_blocks, length = 64, 100
+    k_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=g)
+    table = torch.randperm(num_blocks - 1, generator=g)[: -(-length // BLOCK)].add(1).tolist()
+    others = [(n, torch.randperm(num_blocks, generator=g)[: -(-n // BLOCK)].tolist()) for n in (1, 37, 64, 65, 300)]
+    queries = torch.randn(length, heads, head_dim, generator=g)  # query of position p
+
+    def attend(chunks: list[tuple[int, int]], tables: list[list[int]], q: torch.Tensor) -> torch.Tensor:
+        return paged_attention_torch(q, k_cache, v_cache, _meta(chunks, tables), head_dim**-0.5)
+
+    with num_threads(threads):
+        alone = torch.cat([attend([(p + 1, 1)], [table], queries[p : p + 1]) for p in range(length)])
+        mismatches = []
+        for n, t in others:  # the last position decoded beside another sequence
+            q = torch.cat([torch.randn(1, heads, head_dim, generator=g), queries[-1:]])
+            out = attend([(n, 1), (length, 1)], [t, table], q)
+            mismatches += [] if torch.equal(out[1:], alone[-1:]) else [("decode beside", n)]
+        for start, end in [(0, length), (0, 17), (16, 80), (64, 65), (70, 100), (99, 100)]:
+            out = attend([(end, end - start)], [table], queries[start:end])
+            mismatches += [] if torch.equal(out, alone[start:end]) else [("chunk", start, end)]
+        assert mismatches == []
+
+
+def test_negative_control_attention_without_row_padding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With MIN_ROWS = 1 a decode's score GEMM has G rows and rounds differently from
+    the same row inside a prefill chunk: the check above must then fail."""
+    import kernels.attention as attention
+
+    monkeypatch.setattr(attention, "MIN_ROWS", 1)
+    with pytest.raises(AssertionError):
+        test_paged_attention_rows_are_invariant(4, 2, 16, 1)
