@@ -77,7 +77,10 @@ class GenerationHandler:
 
     async def _open(self, req: GenerationRequest, rid: str) -> list[RequestStream]:
         """Admit every choice in one engine step boundary; on any error abort the others."""
-        params = [req.params(i // req.n, i % req.n, self.limit) for i in range(len(req.prompts) * req.n)]
+        try:
+            params = [req.params(i // req.n, i % req.n, self.limit) for i in range(len(req.prompts) * req.n)]
+        except InvalidRequestError as exc:
+            raise engine_error(exc) from exc
         results = await asyncio.gather(
             *(self.engine.add_request(req.prompts[i // req.n], p, f"{rid}-{i}") for i, p in enumerate(params)),
             return_exceptions=True,

@@ -76,7 +76,8 @@ def completion_prompts(
         items: list[Any] = [prompt]
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         items = [prompt]
-    elif isinstance(prompt, list) and prompt:
+    elif isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt)
+                                                  or all(isinstance(p, list) for p in prompt)):
         items = prompt
     else:
         raise bad("'prompt' must be a string, a list of strings, token ids or a list of token id lists",
@@ -91,7 +92,7 @@ def completion_prompts(
             ids.append(check_token_ids(item, vocab_size, "prompt"))
             texts.append(None)
         else:
-            raise bad("'prompt' must not mix strings and token ids", "prompt", "invalid_type")
+            raise bad("'prompt' token id lists must hold integers", "prompt", "invalid_type")
         if not ids[-1]:
             raise bad("the prompt is empty", "prompt")
     return ids, texts
