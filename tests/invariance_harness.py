@@ -1,0 +1,90 @@
+"""Helpers for the invariance tests: run requests through an EngineCore under a chosen
+batching schedule and reduce each request to the exact values the contract covers.
+
+An Outcome holds token ids, logprobs (Python floats, compared with ==, i.e. bitwise for
+every finite value and for -inf), top-N alternatives and the finish reason.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from asyncengine.config import EngineConfig
+from asyncengine.engine_core import EngineCore
+from asyncengine.sampling_params import SamplingParams
+
+MAX_TOKENS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...]
+    finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Req:
+    """One request of a scenario: a prompt, its params, and the step it arrives at."""
+
+    rid: str
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    arrival_step: int = 0
+
+
+def greedy(max_tokens: int = MAX_TOKENS) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=5, ignore_eos=True)
+
+
+def sampled(seed: int, max_tokens: int = MAX_TOKENS) -> SamplingParams:
+    return SamplingParams(temperature=0.8, top_p=0.9, seed=seed, max_tokens=max_tokens, logprobs=5, ignore_eos=True)
+
+
+MODES = {"greedy": lambda seed, n=MAX_TOKENS: greedy(n), "sampled": sampled}
+
+
+def make_engine(model_dir: Path | str | None, **options: Any) -> EngineCore:
+    return EngineCore(EngineConfig(model=None if model_dir is None else str(model_dir), **options))
+
+
+def run(engine: EngineCore, reqs: Sequence[Req], max_steps: int = 100_000) -> dict[str, Outcome]:
+    """Add each request at its arrival step (counted in engine steps), step to the end."""
+    pending = sorted(reqs, key=lambda r: r.arrival_step)
+    tokens: dict[str, list[int]] = {r.rid: [] for r in reqs}
+    lps: dict[str, list[float]] = {r.rid: [] for r in reqs}
+    tops: dict[str, list[tuple[tuple[int, float], ...]]] = {r.rid: [] for r in reqs}
+    reasons: dict[str, str | None] = {}
+    step = 0
+    while pending or engine.has_unfinished():
+        while pending and pending[0].arrival_step <= step:
+            r = pending.pop(0)
+            engine.add_request(r.rid, list(r.prompt), r.params)
+        for out in engine.step():
+            tokens[out.request_id].extend(out.token_ids)
+            lps[out.request_id].extend(out.logprobs)
+            tops[out.request_id].extend(tuple(t) for t in out.top_logprobs or ())
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+        step += 1
+        assert step < max_steps, "the engine did not finish"
+    return {
+        rid: Outcome(tuple(tokens[rid]), tuple(lps[rid]), tuple(tops[rid]), reasons.get(rid)) for rid in tokens
+    }
+
+
+def solo(engine: EngineCore, prompt: Sequence[int], params: SamplingParams, rid: str = "solo") -> Outcome:
+    return run(engine, [Req(rid, tuple(prompt), params)])[rid]
+
+
+def random_prompt(rng: random.Random, length: int, vocab: int) -> tuple[int, ...]:
+    return tuple(rng.randrange(vocab) for _ in range(length))
+
+
+def diff(got: Mapping[str, Outcome], want: Mapping[str, Outcome]) -> list[str]:
+    """Names of the requests whose outcome differs (empty when all are bitwise equal)."""
+    return sorted(rid for rid in want if got.get(rid) != want[rid])
