@@ -170,28 +170,30 @@ class AsyncClient:
     # -- generation -------------------------------------------------------------------
     async def complete(self, prompt: str | list[int] | list[Any], **params: Any) -> Completion:
         """POST /v1/completions (prompt: text, token ids, or a batch of either)."""
-        return _completion(await self._post("/v1/completions", self._body(prompt=prompt, logprobs=0, **params)))
+        body = self._body({"prompt": prompt, "logprobs": 0}, params)
+        return _completion(await self._post("/v1/completions", body))
 
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> Completion:
         """POST /v1/chat/completions."""
-        body = self._body(messages=messages, logprobs=True, **params)
+        body = self._body({"messages": messages, "logprobs": True}, params)
         return _completion(await self._post("/v1/chat/completions", body))
 
     def stream_complete(self, prompt: str | list[int] | list[Any], **params: Any) -> AsyncIterator[Delta]:
         """Deltas of a streamed completion, one per engine step and choice."""
-        return self._stream("/v1/completions", self._body(prompt=prompt, logprobs=0, stream=True, **params))
+        body = self._body({"prompt": prompt, "logprobs": 0, "stream": True}, params)
+        return self._stream("/v1/completions", body)
 
     def stream_chat(self, messages: list[dict[str, Any]], **params: Any) -> AsyncIterator[Delta]:
         """Deltas of a streamed chat completion (the role-only first chunk is skipped)."""
-        return self._stream("/v1/chat/completions", self._body(messages=messages, logprobs=True, stream=True,
-                                                               **params))
+        body = self._body({"messages": messages, "logprobs": True, "stream": True}, params)
+        return self._stream("/v1/chat/completions", body)
 
-    def _body(self, **fields: Any) -> dict[str, Any]:
+    def _body(self, fields: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        """Request body: our defaults, then the call's fields, then the caller's params."""
         body: dict[str, Any] = {"return_token_ids": True}
         if self.model is not None:
             body["model"] = self.model
-        body.update(fields)
-        return body
+        return {**body, **fields, **params}
 
     async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[Delta]:
         """Steps: 1. POST; 2. raise a typed error on a non-2xx status; 3. parse `data:` events;
