@@ -82,7 +82,8 @@ def _cases(device: torch.device, dtype: torch.dtype, triton_ok: bool) -> list[Ca
 
     cases: list[Case] = []
     w = t(HIDDEN)
-    for tokens, label in ((DECODE_BATCH, f"decode {DECODE_BATCH} tok"), (PREFILL_CHUNK, f"prefill {PREFILL_CHUNK} tok")):
+    shapes = ((DECODE_BATCH, f"decode {DECODE_BATCH} tok"), (PREFILL_CHUNK, f"prefill {PREFILL_CHUNK} tok"))
+    for tokens, label in shapes:
         x, res = t(tokens, HIDDEN), t(tokens, HIDDEN)
         cases.append(("rms_norm+residual", label, lambda x=x, r=res: rmsnorm.rms_norm_torch(x, w, 1e-5, r),
                       pick(lambda x=x, r=res: rmsnorm.rms_norm_triton(x, w, 1e-5, r))))
@@ -111,10 +112,9 @@ def _attention_cases(device: torch.device, dtype: torch.dtype, pick: Callable) -
     cases: list[Case] = []
     for label, specs in batches.items():
         q, kc, vc, meta = _attention_batch(specs, device, dtype)
-        scale = HEAD_DIM**-0.5
-        cases.append(("paged_attention", label,
-                      lambda q=q, kc=kc, vc=vc, m=meta: attention.paged_attention_torch(q, kc, vc, m, scale),
-                      pick(lambda q=q, kc=kc, vc=vc, m=meta: attention.paged_attention_triton(q, kc, vc, m, scale))))
+        args = (q, kc, vc, meta, HEAD_DIM**-0.5)
+        cases.append(("paged_attention", label, lambda a=args: attention.paged_attention_torch(*a),
+                      pick(lambda a=args: attention.paged_attention_triton(*a))))
     return cases
 
 
@@ -138,7 +138,9 @@ def _sampling_cases(device: torch.device, pick: Callable) -> list[Case]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()

@@ -180,6 +180,25 @@ if triton is not None:
         return key_pos, key_ok, (slot * num_kv_heads + kv_head) * head_dim
 
     @triton.jit
+    def _online_softmax_step(q, k, v, allowed, m, den, acc, scale, FP32_DOT: tl.constexpr):
+        # One key tile: scores, running max m, denominator den and numerator acc (fp32).
+        if FP32_DOT:  # never TF32: fp32 models get fp32 scores
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale  # [ROWS, BLOCK_N], fp32 accumulate
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        den = den * alpha + tl.sum(p, axis=1)
+        if FP32_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:  # 16-bit caches: probabilities in the value dtype, as HF eager attention
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, den, acc
+
+    @triton.jit
     def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
         q_stride_t, q_stride_h, bt_stride, num_seqs, scale,
@@ -219,22 +238,8 @@ if triton is not None:
             kv_mask = key_ok[:, None] & d_ok[None, :]
             k = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if FP32_DOT:  # never TF32: fp32 models get fp32 scores
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale  # [ROWS, BLOCK_N] fp32 accumulate
-            allowed = (key_pos[None, :] <= q_pos[:, None]) & key_ok[None, :]
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
-            den = den * alpha + tl.sum(p, axis=1)
-            if FP32_DOT:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:  # 16-bit caches: probabilities in the value dtype, as HF eager attention
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+            allowed = (key_pos[None, :] <= q_pos[:, None]) & key_ok[None, :]  # [ROWS, BLOCK_N]
+            m, den, acc = _online_softmax_step(q, k, v, allowed, m, den, acc, scale, FP32_DOT)
         out = acc / den[:, None]
         o_off = (q_start + tok).to(tl.int64) * (num_kv_heads * GROUP * head_dim) + head * head_dim
         tl.store(out_ptr + o_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),

@@ -75,10 +75,12 @@ def rms_norm_triton(
     y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     if num_tokens == 0:
         return y, new_residual
+    block_h = triton.next_power_of_2(hidden)  # the whole row in one block
     _rms_norm_kernel[(num_tokens,)](
         x, residual if residual is not None else x, weight, y,
         new_residual if new_residual is not None else y,
         hidden, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_H=triton.next_power_of_2(hidden),
+        HAS_RESIDUAL=residual is not None, BLOCK_H=block_h,
+        num_warps=8 if block_h >= 4096 else 4,  # fixed per hidden size: batch-invariant
     )
     return y, new_residual

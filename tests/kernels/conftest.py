@@ -27,9 +27,15 @@ else:
 
 @pytest.fixture
 def need_triton() -> None:
-    """Skip (with the reason) only when Triton itself is unavailable."""
+    """Skip (with the reason) only when Triton itself is unavailable; fail loudly when the
+    kernels were imported (by an earlier test module) before TRITON_INTERPRET was set."""
     if TRITON_MISSING is not None:
         pytest.skip(TRITON_MISSING)
+    from kernels.dispatch import _interpreted
+
+    if not torch.cuda.is_available() and not _interpreted():
+        pytest.fail("kernels/* were imported before TRITON_INTERPRET=1 was set: set it at the "
+                    "top of the root tests/conftest.py so that every test module sees it")
 
 
 @dataclass(slots=True)

@@ -14,12 +14,15 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pytest
 import torch
 
 from kernels.attention import AttentionMetadata, paged_attention_torch, paged_attention_triton
+
+if TYPE_CHECKING:  # the builder lives in this folder's conftest.py (fixture paged_case)
+    from conftest import PagedCase
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 # (sequence, seq_len, q_len): decodes at odd lengths and exactly at block/tile ends, a chunk
@@ -35,7 +38,9 @@ def _impl(name: str, request: pytest.FixtureRequest) -> Callable[..., torch.Tens
     return paged_attention_torch
 
 
-def _dense(q: torch.Tensor, case: object, meta: AttentionMetadata, items: list[tuple[int, int, int]], scale: float) -> torch.Tensor:
+def _dense(
+    q: torch.Tensor, case: PagedCase, meta: AttentionMetadata, items: list[tuple[int, int, int]], scale: float
+) -> torch.Tensor:
     """Plain causal attention in float64 per sequence, K/V gathered slot by slot."""
     block_size, num_kv_heads = case.k_cache.shape[1], case.k_cache.shape[2]
     group = q.shape[1] // num_kv_heads
@@ -66,7 +71,9 @@ def test_torch_reference_matches_dense_attention(paged_case: Callable) -> None:
     "num_heads,num_kv_heads,head_dim,block_size",
     [(4, 4, 32, 16), (8, 4, 64, 16), (8, 2, 32, 8), (9, 3, 64, 16), (4, 2, 80, 32)],
 )
-def test_triton_matches_torch(paged_case: Callable, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> None:
+def test_triton_matches_torch(
+    paged_case: Callable, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int
+) -> None:
     case = paged_case(MAX_LENS, num_heads, num_kv_heads, head_dim, block_size, seed=head_dim + num_heads)
     q, meta = case.batch(MIXED)
     scale = head_dim**-0.5
@@ -80,11 +87,14 @@ def test_triton_accepts_strided_queries(paged_case: Callable) -> None:
     q, meta = case.batch([(0, 20, 3), (1, 9, 1)])
     wide = torch.cat([q, q], dim=1)[:, :4]  # [T, Hq, D] view with a token stride of 2 * Hq * D
     ref = paged_attention_torch(q, case.k_cache, case.v_cache, meta, 0.2)
-    torch.testing.assert_close(paged_attention_triton(wide, case.k_cache, case.v_cache, meta, 0.2), ref, **TOL)
+    out = paged_attention_triton(wide, case.k_cache, case.v_cache, meta, 0.2)
+    torch.testing.assert_close(out, ref, **TOL)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_sequence_alone_equals_sequence_in_batch(impl: str, paged_case: Callable, request: pytest.FixtureRequest) -> None:
+def test_sequence_alone_equals_sequence_in_batch(
+    impl: str, paged_case: Callable, request: pytest.FixtureRequest
+) -> None:
     attend = _impl(impl, request)
     case = paged_case(MAX_LENS, 9, 3, 64, 16, seed=7)
     q, meta = case.batch(MIXED)
@@ -97,7 +107,9 @@ def test_sequence_alone_equals_sequence_in_batch(impl: str, paged_case: Callable
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_output_independent_of_prefill_chunking(impl: str, paged_case: Callable, request: pytest.FixtureRequest) -> None:
+def test_output_independent_of_prefill_chunking(
+    impl: str, paged_case: Callable, request: pytest.FixtureRequest
+) -> None:
     attend = _impl(impl, request)
     case = paged_case([75], 8, 2, 32, 16, seed=11)
     q, meta = case.batch([(0, 75, 75)])
@@ -114,7 +126,9 @@ def test_output_independent_of_prefill_chunking(impl: str, paged_case: Callable,
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("stale", [float("nan"), float("inf")])
-def test_stale_slots_never_leak(impl: str, stale: float, paged_case: Callable, request: pytest.FixtureRequest) -> None:
+def test_stale_slots_never_leak(
+    impl: str, stale: float, paged_case: Callable, request: pytest.FixtureRequest
+) -> None:
     """A reused block keeps an earlier user's values past a sequence's end: even a
     non-finite one must not change the output (0 * inf would be NaN)."""
     attend = _impl(impl, request)

@@ -12,7 +12,9 @@ import torch
 from kernels.kv_store import store_kv_torch, store_kv_triton
 
 
-def _case(tokens: int, num_kv_heads: int, head_dim: int, block_size: int, seed: int) -> tuple[torch.Tensor, ...]:
+def _case(
+    tokens: int, num_kv_heads: int, head_dim: int, block_size: int, seed: int
+) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
     num_blocks = 6
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
@@ -35,8 +37,12 @@ def test_torch_reference_writes_each_slot() -> None:
 
 
 @pytest.mark.usefixtures("need_triton")
-@pytest.mark.parametrize("tokens,num_kv_heads,head_dim,block_size", [(1, 1, 32, 16), (13, 3, 64, 16), (7, 4, 80, 8)])
-def test_triton_writes_same_bits_as_torch(tokens: int, num_kv_heads: int, head_dim: int, block_size: int) -> None:
+@pytest.mark.parametrize(
+    "tokens,num_kv_heads,head_dim,block_size", [(1, 1, 32, 16), (13, 3, 64, 16), (7, 4, 80, 8)]
+)
+def test_triton_writes_same_bits_as_torch(
+    tokens: int, num_kv_heads: int, head_dim: int, block_size: int
+) -> None:
     key, value, k_cache, v_cache, slots = _case(tokens, num_kv_heads, head_dim, block_size, seed=tokens)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     store_kv_torch(key, value, k_ref, v_ref, slots)

@@ -17,7 +17,9 @@ def _inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
 
-def _qk(tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _qk(
+    tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k as strided views of one fused qkv projection, as the model produces them."""
     gen = torch.Generator().manual_seed(seed)
     qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen)
@@ -48,7 +50,9 @@ def test_torch_reference_matches_float64_rotation() -> None:
     "tokens,num_heads,num_kv_heads,head_dim,scaling",
     [(1, 4, 4, 32, 1.0), (7, 8, 4, 64, 1.0), (19, 9, 3, 64, 1.0), (5, 8, 2, 128, 0.7)],
 )
-def test_triton_matches_torch(tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float) -> None:
+def test_triton_matches_torch(
+    tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float
+) -> None:
     q, k = _qk(tokens, num_heads, num_kv_heads, head_dim, seed=tokens)
     cos_sin = rope_cos_sin(_inv_freq(head_dim), scaling, 300)
     positions = torch.randint(0, 300, (tokens,), generator=torch.Generator().manual_seed(tokens))
