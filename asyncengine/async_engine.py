@@ -1,13 +1,13 @@
 """AsyncEngine: an actor that feeds the synchronous EngineCore from asyncio.
 
-One inbox of commands (add, abort, reset_prefix_cache, pause, resume, call), one step
-loop on a dedicated thread (the only thread that touches EngineCore, so the event
-loop stays responsive while a step runs), and per-request output streams that the
-engine thread fills through `loop.call_soon_threadsafe`.
+One inbox of commands, one step loop on a dedicated thread (the only thread that
+touches EngineCore, so the event loop stays responsive while a step runs), and
+per-request output streams filled through `loop.call_soon_threadsafe`.
 
-Commands are applied at step boundaries, in arrival order. Extra commands (issue #4:
-update_weights, pause modes) plug in as handlers of `_apply` or through `call()`,
-which runs any function on the engine thread between two steps.
+Commands are applied at step boundaries, in arrival order, by the handlers in
+`AsyncEngine.handlers` (add, abort, reset_prefix_cache, pause, resume, call). More
+commands (issue #4: update_weights, pause modes) plug in as handlers, submitted with
+`await engine.submit(kind, payload)`; `call(fn)` runs any fn(core) between two steps.
 """
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ from asyncengine.sampling_params import InvalidRequestError, SamplingParams
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Prompt = str | list[int]
-# Called on the engine thread after each step: (seconds, new tokens, requests in the batch).
+# Called on the engine thread after each step: (seconds, new tokens, requests with output).
 StepObserver = Callable[[float, int, int], None]
+# What the engine thread hands to a stream: a delta, or the error that ends it.
+_Item = RequestOutput | BaseException
 
 
 class EngineDeadError(RuntimeError):
@@ -39,11 +41,11 @@ class EngineDeadError(RuntimeError):
 
 @dataclass(slots=True)
 class _Command:
-    # "add" | "abort" | "reset_prefix_cache" | "pause" | "resume" | "call"
+    # The handler's name in AsyncEngine.handlers.
     kind: str
-    # Kind-specific argument (a _Add, a list of request ids, a callable, ...).
+    # The handler's argument.
     payload: Any = None
-    # Where the result goes (None: fire and forget).
+    # Where the handler's result or exception goes (None: fire and forget).
     loop: asyncio.AbstractEventLoop | None = None
     future: asyncio.Future[Any] | None = None
 
@@ -65,22 +67,18 @@ class RequestStream:
         self.engine = engine
         self.request_id = request_id
         self.loop = loop
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.finished = False
-
-    def _put(self, item: RequestOutput | BaseException) -> None:
-        """Loop thread: one output (or the error that ends the stream)."""
-        self._queue.put_nowait(item)
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
-        """Steps: 1. wait for the next delta; 2. raise it if it is an error; 3. yield it;
-        4. stop after the finished delta; 5. if the consumer left early, abort."""
+        """Steps: 1. wait for the next item; 2. raise it if it is an error; 3. yield the
+        delta; 4. stop after the finished one; 5. if the consumer left early, abort."""
         try:
             while not self.finished:
-                item = await self._queue.get()
+                item = await self.queue.get()
                 if isinstance(item, BaseException):
                     self.finished = True
                     raise item
@@ -107,16 +105,21 @@ class AsyncEngine:
         # safe to share across threads, so the loop side gets its own copy.
         self.tokenizer = copy.deepcopy(core.tokenizer) if core.tokenizer is not None else None
         self.step_observer = step_observer
+        self.num_steps = 0
+        self.handlers: dict[str, Callable[[Any], Any]] = {
+            "add": self._add, "abort": lambda ids: self._deliver(core.abort(ids)),
+            "reset_prefix_cache": lambda _: core.reset_prefix_cache(),
+            "pause": lambda _: self._set_paused(True), "resume": lambda _: self._set_paused(False),
+            "call": lambda fn: fn(core),
+        }
         self._cond = threading.Condition(threading.RLock())
         self._inbox: list[_Command] = []
-        self._pending_adds = 0
+        self._pending_adds = 0  # submitted, not yet applied (for the immediate overload check)
         self._stopping = False
         self._paused = False
         self._dead: BaseException | None = None
-        # Engine thread only: request id -> its stream.
-        self._streams: dict[str, RequestStream] = {}
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._stats: dict[str, float] = dict(core.stats())
-        self.num_steps = 0
         self.kv_capacity_tokens = int(self._stats["num_total_blocks"]) * core.config.block_size
         self._thread = threading.Thread(target=self._run, name="asyncengine-step", daemon=True)
         self._thread.start()
@@ -134,27 +137,23 @@ class AsyncEngine:
             return list(self.tokenizer.encode(prompt, add_special_tokens=True))
         return list(prompt)
 
-    async def add_request(
-        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
-    ) -> RequestStream:
+    async def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue a request and wait until the engine accepted it.
 
         Raises InvalidRequestError / EngineOverloadedError / EngineDeadError before any output.
         """
         ids = self.encode(prompt)
-        loop = asyncio.get_running_loop()
-        stream = RequestStream(self, request_id or uuid.uuid4().hex, loop)
+        stream = RequestStream(self, request_id or uuid.uuid4().hex, asyncio.get_running_loop())
         with self._cond:
             self._check_alive()
-            # Reject at once when the queue is surely full, rather than after a step.
+            # Refuse at once when the queue is surely full, rather than a step later.
             if self._stats["num_waiting"] + self._pending_adds >= self.config.max_waiting:
                 raise EngineOverloadedError("the waiting queue is full")
             self._pending_adds += 1
         try:
-            await self._submit("add", _Add(stream, ids, params), wait=True)
+            await self.submit("add", _Add(stream, ids, params))
         except asyncio.CancelledError:
-            # The add may still be applied: the abort queued behind it undoes it.
-            self.abort(stream.request_id)
+            self.abort(stream.request_id)  # the add may still be applied; the abort behind it undoes it
             raise
         return stream
 
@@ -182,25 +181,38 @@ class AsyncEngine:
                 self._inbox.append(_Command("abort", ids))
                 self._cond.notify()
 
+    async def submit(self, kind: str, payload: Any = None) -> Any:
+        """Apply a command at the next step boundary; return the handler's result."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        with self._cond:
+            if self._dead is not None or self._stopping:
+                if kind == "add":
+                    self._pending_adds -= 1
+                self._check_alive()
+            self._inbox.append(_Command(kind, payload, loop, fut))
+            self._cond.notify()
+        return await fut
+
     async def reset_prefix_cache(self) -> None:
-        await self._submit("reset_prefix_cache", None, wait=True)
+        await self.submit("reset_prefix_cache")
 
     async def pause(self) -> None:
         """Stop stepping at the next step boundary; queued and running requests wait."""
-        await self._submit("pause", None, wait=True)
+        await self.submit("pause")
 
     async def resume(self) -> None:
-        await self._submit("resume", None, wait=True)
+        await self.submit("resume")
 
     def is_paused(self) -> bool:
         return self._paused
 
     async def call(self, fn: Callable[[EngineCore], T]) -> T:
         """Run fn(core) on the engine thread at a step boundary; return its result."""
-        return await self._submit("call", fn, wait=True)
+        return await self.submit("call", fn)
 
     def stats(self) -> dict[str, float]:
-        """The engine's stats after the latest step or command (a snapshot)."""
+        """EngineCore.stats() after the latest step or command (a snapshot)."""
         return dict(self._stats)
 
     @property
@@ -219,43 +231,30 @@ class AsyncEngine:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    # -- plumbing ---------------------------------------------------------------------
     def _check_alive(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(f"the engine is dead: {self._dead!r}") from self._dead
         if self._stopping:
             raise EngineDeadError("the engine is shut down")
 
-    async def _submit(self, kind: str, payload: Any, wait: bool) -> Any:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        with self._cond:
-            try:
-                self._check_alive()
-            except EngineDeadError:
-                if kind == "add":
-                    self._pending_adds -= 1
-                raise
-            self._inbox.append(_Command(kind, payload, loop, fut))
-            self._cond.notify()
-        return await fut if wait else None
-
     # -- engine thread ----------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while True:
-                commands = self._next_commands()
-                if commands is None:
-                    break
+            while (commands := self._next_commands()) is not None:
                 for cmd in commands:
                     self._apply(cmd)
                 if not self._paused and self.core.has_unfinished():
                     self._step()
-            self._abort_all()
+            self._deliver(self.core.abort(list(self._streams)))
             self._fail_pending(EngineDeadError("the engine is shut down"))
         except BaseException as exc:  # a fatal error must not hang any client
-            self._dead = exc
-            self._fail_all(exc)
+            with self._cond:
+                self._dead = exc
+            err = EngineDeadError(f"the engine failed: {exc!r}")
+            err.__cause__ = exc
+            streams, self._streams = self._streams, {}
+            _post_all([(s, err) for s in streams.values()])
+            self._fail_pending(err)
 
     def _next_commands(self) -> list[_Command] | None:
         """Sleep until there is a command or a step to run; None means stop."""
@@ -282,26 +281,15 @@ class AsyncEngine:
                 log.exception("step observer failed")
 
     def _apply(self, cmd: _Command) -> None:
-        result: Any = None
         try:
-            if cmd.kind == "add":
-                self._add(cmd.payload)
-            elif cmd.kind == "abort":
-                self._deliver(self.core.abort(cmd.payload))
-            elif cmd.kind == "reset_prefix_cache":
-                self.core.reset_prefix_cache()
-            elif cmd.kind in ("pause", "resume"):
-                self._paused = cmd.kind == "pause"
-            elif cmd.kind == "call":
-                result = cmd.payload(self.core)
-            else:
+            handler = self.handlers.get(cmd.kind)
+            if handler is None:
                 raise ValueError(f"unknown engine command {cmd.kind!r}")
-        except Exception as exc:  # the caller gets the error; the engine goes on
-            _resolve(cmd, None, exc)
-            return
-        finally:
-            self._stats = self.core.stats()
-        _resolve(cmd, result, None)
+            result, exc = handler(cmd.payload), None
+        except Exception as e:  # the caller gets the error; the engine goes on
+            result, exc = None, e
+        self._stats = self.core.stats()
+        _resolve(cmd, result, exc)
 
     def _add(self, add: _Add) -> None:
         rid = add.stream.request_id
@@ -314,34 +302,19 @@ class AsyncEngine:
                 self._pending_adds -= 1
         self._streams[rid] = add.stream
 
+    def _set_paused(self, paused: bool) -> None:
+        self._paused = paused
+
     def _deliver(self, outs: list[RequestOutput]) -> None:
-        """Hand outputs to their streams: one call_soon_threadsafe per event loop."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput | BaseException]]] = {}
+        """Hand outputs to their streams (a finished request's stream is forgotten)."""
+        items: list[tuple[RequestStream, _Item]] = []
         for out in outs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            if out.finished:
-                del self._streams[out.request_id]
-            batches.setdefault(stream.loop, []).append((stream, out))
-        for loop, items in batches.items():
-            if not _post(loop, items):
-                # Nobody can listen any more (their loop closed): free the blocks.
-                self.core.abort([s.request_id for s, o in items if not getattr(o, "finished", True)])
-
-    def _abort_all(self) -> None:
-        self._deliver(self.core.abort(list(self._streams)))
-
-    def _fail_all(self, exc: BaseException) -> None:
-        err = EngineDeadError(f"the engine failed: {exc!r}")
-        err.__cause__ = exc
-        streams, self._streams = self._streams, {}
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput | BaseException]]] = {}
-        for s in streams.values():
-            batches.setdefault(s.loop, []).append((s, err))
-        for loop, items in batches.items():
-            _post(loop, items)
-        self._fail_pending(err)
+            stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
+            if stream is not None:
+                items.append((stream, out))
+        orphans = _post_all(items)
+        if orphans:  # their event loop is closed: nobody listens, free the blocks
+            self.core.abort([s.request_id for s in orphans])
 
     def _fail_pending(self, err: BaseException) -> None:
         with self._cond:
@@ -351,33 +324,36 @@ class AsyncEngine:
             _resolve(cmd, None, err)
 
 
-def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> bool:
-    try:
-        loop.call_soon_threadsafe(_dispatch, items)
-        return True
-    except RuntimeError:  # the loop is closed
-        return False
-
-
-def _dispatch(items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+def _post_all(items: list[tuple[RequestStream, _Item]]) -> list[RequestStream]:
+    """One call_soon_threadsafe per event loop; returns the streams whose loop is closed."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, _Item]]] = {}
     for stream, item in items:
-        stream._put(item)
+        by_loop.setdefault(stream.loop, []).append((stream, item))
+    orphans = []
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_dispatch, batch)
+        except RuntimeError:  # the loop is closed
+            orphans += [s for s, _ in batch]
+    return orphans
+
+
+def _dispatch(batch: list[tuple[RequestStream, _Item]]) -> None:
+    for stream, item in batch:
+        stream.queue.put_nowait(item)
 
 
 def _resolve(cmd: _Command, result: Any, exc: BaseException | None) -> None:
-    if cmd.future is None or cmd.loop is None:
+    """Settle the command's future on its loop (unless the caller gave up meanwhile)."""
+    fut, loop = cmd.future, cmd.loop
+    if fut is None or loop is None:
         return
-    fut = cmd.future
 
     def settle() -> None:
-        if fut.done():  # the caller was cancelled meanwhile
-            return
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
+        if not fut.done():
+            fut.set_exception(exc) if exc is not None else fut.set_result(result)
 
     try:
-        cmd.loop.call_soon_threadsafe(settle)
-    except RuntimeError:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed
         pass
