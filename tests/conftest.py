@@ -1,10 +1,16 @@
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+# Triton picks the interpreter when kernels are defined (at import), so this must be set
+# before anything imports triton. It is the one environment switch the tests use.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.tiny_models import make_model_dir
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.tiny_models import make_model_dir  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
