@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from asyncengine.block_pool import BlockPool
 from asyncengine.config import EngineConfig, ModelInfo
@@ -16,6 +16,9 @@ from asyncengine.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutpu
 from asyncengine.request import Request, RequestStatus
 from asyncengine.sampling_params import InvalidRequestError, SamplingParams
 from asyncengine.scheduler import Scheduler
+
+
+UpdateMode = Literal["keep", "recompute", "abort"]
 
 
 class EngineOverloadedError(RuntimeError):
@@ -182,7 +185,38 @@ class EngineCore:
         self.requests.pop(req.request_id, None)
         self.detokenizers.pop(req.request_id, None)
 
-    # -- cache and stats --------------------------------------------------------------
+    # -- weights, cache and stats ------------------------------------------------------
+    def update_weights(
+        self, state: Mapping[str, Any], mode: UpdateMode = "keep", *, partial: bool = False
+    ) -> list[RequestOutput]:
+        """Swap in new HF-named weights between two steps (the caller's step boundary).
+
+        All tensors are checked before any is written (WeightLoadError leaves the old
+        weights and version serving). Then the version goes up by one, the prefix cache
+        is dropped, and in-flight requests are treated per `mode`: keep (continue on
+        their KV), recompute (KV freed and recomputed with the new weights), abort
+        (finished with "abort"; their final outputs are returned).
+        """
+        from asyncengine.models.weights import load_weights
+
+        if mode not in ("keep", "recompute", "abort"):
+            raise InvalidRequestError(f"mode must be keep, recompute or abort, got {mode!r}", "mode")
+        load_weights(self.model, state, partial=partial)
+        self.weight_version += 1
+        self.scheduler.weight_version = self.weight_version
+        self.reset_prefix_cache()
+        if mode == "abort":
+            return self.abort(list(self.requests))
+        if mode == "recompute":
+            self.scheduler.preempt_all()
+        return []
+
+    def weight_checksums(self) -> dict[str, str]:
+        """sha256 per HF tensor name, of the weights as the engine holds them."""
+        from asyncengine.models.weights import weight_checksums
+
+        return weight_checksums(self.model)
+
     def reset_prefix_cache(self) -> None:
         self.scheduler.reset_prefix_cache()
 

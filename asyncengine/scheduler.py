@@ -106,6 +106,11 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
+    def preempt_all(self) -> None:
+        """Preempt every running request (oldest ends up first in the waiting queue)."""
+        while self.running:
+            self._preempt(self.running.pop())
+
     def finish(self, req: Request, status: RequestStatus, stop_reason: str | int | None = None) -> None:
         """End a request (any state) and free its blocks."""
         if req.status == RequestStatus.RUNNING:
