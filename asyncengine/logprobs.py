@@ -73,20 +73,51 @@ def support_mask(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torc
 
 
 def _top_k_top_p_row(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Rank = (z' descending, token id ascending). top-k keeps the first k. top-p then
+    keeps token i iff the mass ranked before it is < top_p, where p = exp(z' - lse) over
+    the top-k support (elementwise, lse in token-id order) and the mass is summed in
+    float64 in rank order. Each decision depends only on a prefix of the ranking, so a
+    top-C candidate set gives the same bits as a full sort whenever the cut falls
+    strictly inside it (checked; otherwise C grows up to the vocabulary)."""
     vocab = z.numel()
-    # Stable descending sort: equal logits keep ascending token-id order.
-    sorted_z, order = torch.sort(z, descending=True, stable=True)
-    keep = torch.ones(vocab, dtype=torch.bool)
-    if 0 < top_k < vocab:
-        keep[top_k:] = False
-    if top_p < 1.0:
-        probs = torch.softmax(sorted_z.masked_fill(~keep, float("-inf")), dim=-1)
-        cumulative = torch.cumsum(probs, dim=-1)
-        mass_before = torch.cat([cumulative.new_zeros(1), cumulative[:-1]])  # exclusive
-        keep &= mass_before < top_p
-    mask = torch.zeros(vocab, dtype=torch.bool)
-    mask[order[keep]] = True
-    return mask
+    mask = _top_k_mask(z, top_k) if 0 < top_k < vocab else torch.ones(vocab, dtype=torch.bool)
+    if top_p >= 1.0:
+        return mask
+    kept = z.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(kept, dim=-1)
+    size = min(vocab, 1024)
+    while True:
+        values, ids = _ranked(kept, size)
+        mass_before = torch.cumsum(torch.exp(values - lse).double(), dim=-1) - 0.0
+        mass_before = torch.cat([mass_before.new_zeros(1), mass_before[:-1]])
+        n_keep = int((mass_before < top_p).sum())
+        # Exact when the last kept token is strictly above every token outside the set.
+        if size == vocab or (n_keep < size and values[n_keep - 1] > values[-1]):
+            break
+        size = min(vocab, size * 4)
+    out = torch.zeros(vocab, dtype=torch.bool)
+    out[ids[:n_keep]] = True
+    return out
+
+
+def _top_k_mask(z: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest, ties at the threshold going to the lowest token ids."""
+    threshold = torch.topk(z, k).values[-1]
+    above = z > threshold
+    tied = torch.nonzero(z == threshold).flatten()[: k - int(above.sum())]
+    above[tied] = True
+    return above
+
+
+def _ranked(z: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `size` highest entries as (values, ids), by value descending then id ascending."""
+    if size == z.numel():
+        values, ids = torch.sort(z, descending=True, stable=True)
+        return values, ids
+    values, ids = torch.topk(z, size)
+    ids, perm = torch.sort(ids)  # ascending ids, then a stable sort by value
+    values, order = torch.sort(values[perm], descending=True, stable=True)
+    return values, ids[order]
 
 
 def processed_log_probs(scaled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

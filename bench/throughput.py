@@ -1,0 +1,119 @@
+"""Throughput on the default model vs HF transformers `generate`, in the same run.
+
+Two workloads (greedy, ignore_eos, so every request makes exactly its new tokens):
+  prefill-heavy: 64 prompts of 32-512 tokens, 128 new tokens each
+  decode-heavy:  64 prompts of ~16 tokens, 512 new tokens each
+For each workload and dtype it prints our generated tokens/s, HF `generate` tokens/s on
+the same prompts (padded batches of 16, as users run it), the ratio, and the fraction
+of the compute roofline: a 2048^3 matmul's GFLOP/s measured in this run, divided into
+the workload's 2 x parameters x (prompt + generated tokens) FLOPs.
+
+    python bench/throughput.py                     # both workloads, fp32 and bf16 (long)
+    python bench/throughput.py --dtypes float32 --workloads prefill --scale 0.25
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+# Run as a script, bench/ leads sys.path and bench/kernels.py would shadow `kernels`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from asyncengine.llm import LLM  # noqa: E402
+from asyncengine.model_files import resolve_model  # noqa: E402
+from asyncengine.sampling_params import SamplingParams  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def workloads(scale: float, vocab: int, seed: int = 0) -> dict[str, tuple[list[list[int]], int]]:
+    rng = random.Random(seed)
+    n = max(2, int(64 * scale))
+
+    def prompt(length: int) -> list[int]:
+        return [rng.randrange(100, vocab - 100) for _ in range(length)]
+
+    return {
+        "prefill": ([prompt(rng.randint(32, 512)) for _ in range(n)], max(8, int(128 * scale))),
+        "decode": ([prompt(rng.randint(14, 18)) for _ in range(n)], max(16, int(512 * scale))),
+    }
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    t = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def run_ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:2], sp.with_options(max_tokens=4), use_tqdm=False)  # warm-up
+    t = time.perf_counter()
+    results = llm.generate(prompts, sp, use_tqdm=False)
+    dt = time.perf_counter() - t
+    assert all(len(r.token_ids) == new_tokens for r in results)
+    return len(prompts) * new_tokens / dt
+
+
+def run_hf(model_dir: Path, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int, batch: int = 16) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    t = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=pad)
+        assert out.shape[1] == width + new_tokens
+    return len(prompts) * new_tokens / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--workloads", default="prefill,decode")
+    ap.add_argument("--scale", type=float, default=1.0, help="shrink prompts count and new tokens")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--non-deterministic", action="store_true")
+    a = ap.parse_args()
+    model_dir = resolve_model(a.model)
+    print(f"model {model_dir}  threads {torch.get_num_threads()}  deterministic {not a.non_deterministic}")
+    for dtype_name in a.dtypes.split(","):
+        llm = LLM(model=str(model_dir), dtype=dtype_name, deterministic=not a.non_deterministic)
+        params = sum(t.numel() for t in [llm.engine.model.embed] + [
+            w for layer in llm.engine.model.layers for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)])
+        gflops = matmul_gflops(DTYPES[dtype_name])
+        print(f"\n[{dtype_name}] matmul 2048^3: {gflops:.1f} GFLOP/s; {params / 1e6:.1f} M matmul parameters")
+        for name, (prompts, new) in workloads(a.scale, llm.engine.model_info.vocab_size).items():
+            if name not in a.workloads.split(","):
+                continue
+            ours = run_ours(llm, prompts, new)
+            tokens = sum(len(p) for p in prompts) + len(prompts) * new
+            roof = 2 * params * tokens / 1e9 / gflops  # seconds at peak
+            ours_time = len(prompts) * new / ours
+            line = (f"  {name:8s} {len(prompts)} prompts x {new} new: ours {ours:7.1f} tok/s, "
+                    f"roofline {100 * roof / ours_time:5.1f}%")
+            if not a.skip_hf:
+                hf = run_hf(model_dir, DTYPES[dtype_name], prompts, new)
+                hf_time = len(prompts) * new / hf
+                line += f" | HF {hf:6.1f} tok/s ({100 * roof / hf_time:5.1f}% roofline) | ratio {ours / hf:5.2f}x"
+            print(line, flush=True)
+        del llm
+
+
+if __name__ == "__main__":
+    main()
