@@ -43,27 +43,27 @@ def _logits(rows: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_log_kept_mass_of_a_row_alone_equals_in_batch() -> None:
-    params = [SamplingParams(temperature=0.8, top_p=0.9)] * 64
-    scaled = L.apply_temperature(_logits(64), params)
+    params = [SamplingParams(temperature=0.8, top_p=0.9)] * 32
+    scaled = L.apply_temperature(_logits(32), params)
     mask = L.support_mask(scaled, params)
     with num_threads(2):
         batch = L.log_kept_mass(scaled, mask)
-        alone = torch.cat([L.log_kept_mass(scaled[i : i + 1], mask[i : i + 1]) for i in range(64)])
+        alone = torch.cat([L.log_kept_mass(scaled[i : i + 1], mask[i : i + 1]) for i in range(32)])
     assert torch.nonzero(alone != batch).flatten().tolist() == []
 
 
 def test_sampler_results_alone_equal_in_batch_and_across_threads() -> None:
     """Every SampleResult field (token, logprob, top-5, raw logprob, log kept mass)."""
     sp = SamplingParams(temperature=0.8, top_p=0.9, logprobs=5, return_raw_logprob=True, return_log_kept_mass=True)
-    reqs = [Request(f"r{i}", [1, 2, 3], SamplingParams(**{**_fields(sp), "seed": i}), seed=i) for i in range(64)]
-    logits = _logits(64, seed=1)
+    reqs = [Request(f"r{i}", [1, 2, 3], SamplingParams(**{**_fields(sp), "seed": i}), seed=i) for i in range(32)]
+    logits = _logits(32)
     results = {}
     for threads in (1, 2):
         with num_threads(threads):
             results[threads] = sampler.sample(logits, reqs)
             alone = [sampler.sample(logits[i : i + 1], [r])[0] for i, r in enumerate(reqs)]
-        assert [i for i in range(64) if alone[i] != results[threads][i]] == [], f"{threads} threads"
-    assert [i for i in range(64) if results[1][i] != results[2][i]] == []
+        assert [i for i in range(32) if alone[i] != results[threads][i]] == [], f"{threads} threads"
+    assert [i for i in range(32) if results[1][i] != results[2][i]] == []
 
 
 def test_top_p_support_is_thread_invariant() -> None:
