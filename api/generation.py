@@ -166,7 +166,7 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
         try:
             async for out in stream:
                 queue.put_nowait((i, out))
-        except BaseException as exc:  # forwarded to the consumer, which re-raises it
+        except Exception as exc:  # forwarded to the consumer, which re-raises it
             queue.put_nowait((i, exc))
         queue.put_nowait((i, None))
 
