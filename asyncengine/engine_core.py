@@ -120,6 +120,8 @@ class EngineCore:
         for s in sched.scheduled:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
+            # Before any finish frees the blocks: finished requests' blocks stay cached.
+            self.kv.cache_full_blocks(req, req.kv_weight_version)
             prompt_lp = out.prompt_logprobs.get(req.request_id)
             if prompt_lp is not None:
                 req.append_prompt_logprobs(prompt_lp)
@@ -129,8 +131,6 @@ class EngineCore:
                 self._check_stop(req, sample.token_id)
             elif req.params.max_tokens == 0 and req.num_computed_tokens == req.num_tokens:
                 self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
-            if not req.is_finished:
-                self.kv.cache_full_blocks(req, req.kv_weight_version)
             if sample is not None or req.is_finished or (req.prompt_logprobs_done and not req.prompt_logprobs_sent
                                                          and req.wants_prompt_logprobs):
                 outputs.append(self._make_output(req))

@@ -99,3 +99,16 @@ def test_prompt_logprob_requests_skip_the_prefix_cache() -> None:
     kv.cache_full_blocks(a, salt=0)
     assert len(kv.get_computed_blocks(req("b", list(range(9))), salt=0)) == 2
     assert kv.get_computed_blocks(req("c", list(range(9)), prompt_logprobs=0), salt=0) == []
+
+
+def test_blocks_of_a_request_finished_in_its_prefill_step_are_cached(llama_dir) -> None:
+    from asyncengine.config import EngineConfig
+    from asyncengine.engine_core import EngineCore
+
+    core = EngineCore(EngineConfig(model=str(llama_dir), num_kv_blocks=16, block_size=4))
+    core.add_request("a", list(range(3, 14)), SamplingParams(max_tokens=1))
+    while core.has_unfinished():
+        core.step()
+    core.add_request("b", list(range(3, 14)), SamplingParams(max_tokens=1))
+    [out] = core.step()
+    assert out.num_cached_tokens == 8  # two full blocks of 4; the last token is recomputed
