@@ -19,6 +19,33 @@ import torch
 
 from asyncengine.sampling_params import SamplingParams
 
+# Vocabulary reductions run in chunks of this many entries, each summed by one thread,
+# then the chunk sums in order: the same bits for a row alone or among many, on any
+# number of threads (torch's own logsumexp/log_softmax split a lone row across threads).
+_CHUNK = 512
+
+
+def row_max_sum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, V] -> (max [R, 1], sum of exp(x - max) [R, 1]), batch- and thread-invariant."""
+    rows, vocab = x.shape
+    m = x.amax(dim=-1, keepdim=True)  # exact, order-free
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    pad = -vocab % _CHUNK
+    e = torch.exp(torch.nn.functional.pad(x - m, (0, pad), value=float("-inf")))  # [R, Vp]
+    partial = e.view(-1, _CHUNK).sum(dim=-1).view(rows, -1)  # [R, Vp / CHUNK]
+    return m, torch.cumsum(partial, dim=-1)[:, -1:]  # sequential, in chunk order
+
+
+def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """[R, V] -> [R] logsumexp per row, batch- and thread-invariant. -inf entries are fine."""
+    m, total = row_max_sum(x)
+    return (m + torch.log(total))[:, 0]
+
+
+def row_log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """[R, V] log-softmax per row with the invariant normalizer above."""
+    return x - row_logsumexp(x)[:, None]
+
 
 def apply_penalties(
     logits: torch.Tensor,
@@ -74,8 +101,8 @@ def support_mask(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torc
 
 def _top_k_top_p_row(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Rank = (z' descending, token id ascending). top-k keeps the first k. top-p then
-    keeps token i iff the mass ranked before it is < top_p, where p = exp(z' - lse) over
-    the top-k support (elementwise, lse in token-id order) and the mass is summed in
+    keeps token i iff the mass ranked before it is < top_p, where p = exp(z' - max) / sum
+    over the top-k support (elementwise; `row_max_sum`) and the mass is summed in
     float64 in rank order. Each decision depends only on a prefix of the ranking, so a
     top-C candidate set gives the same bits as a full sort whenever the cut falls
     strictly inside it (checked; otherwise C grows up to the vocabulary)."""
@@ -84,11 +111,11 @@ def _top_k_top_p_row(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_p >= 1.0:
         return mask
     kept = z.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(kept, dim=-1)
+    peak, total = row_max_sum(kept[None])
     size = min(vocab, 1024)
     while True:
         values, ids = _ranked(kept, size)
-        mass_before = torch.cumsum(torch.exp(values - lse).double(), dim=-1) - 0.0
+        mass_before = torch.cumsum((torch.exp(values - peak[0]) / total[0]).double(), dim=-1)
         mass_before = torch.cat([mass_before.new_zeros(1), mass_before[:-1]])
         n_keep = int((mass_before < top_p).sum())
         # Exact when the last kept token is strictly above every token outside the set.
@@ -122,18 +149,17 @@ def _ranked(z: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def processed_log_probs(scaled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[R, V] log p over the support (-inf outside): log_softmax(z' restricted to S)."""
-    return torch.log_softmax(scaled.masked_fill(~mask, float("-inf")), dim=-1)
+    return row_log_softmax(scaled.masked_fill(~mask, float("-inf")))
 
 
 def raw_log_probs(logits: torch.Tensor) -> torch.Tensor:
     """[R, V] the model's own distribution: log_softmax(z), no penalties, T = 1."""
-    return torch.log_softmax(logits, dim=-1)
+    return row_log_softmax(logits)
 
 
 def log_kept_mass(scaled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[R] logsumexp(z'[S]) - logsumexp(z'); processed = log_softmax(z')[t] - this."""
-    kept = torch.logsumexp(scaled.masked_fill(~mask, float("-inf")), dim=-1)
-    return kept - torch.logsumexp(scaled, dim=-1)
+    return row_logsumexp(scaled.masked_fill(~mask, float("-inf"))) - row_logsumexp(scaled)
 
 
 def top_n(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:

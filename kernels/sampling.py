@@ -10,10 +10,11 @@ over the row per step) instead of sorting the vocabulary.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
+
+from asyncengine.logprobs import row_log_softmax
 
 VOCAB_TILE = 2048  # vocabulary elements per loop step of one program
 
@@ -31,7 +32,7 @@ def log_softmax_topn_torch(
     """logits: [R, V] fp32; token_ids: [R] int64; mask: [R, V] bool support (None = all).
     The masked form is `processed_log_probs`, the unmasked one `raw_log_probs`."""
     z = logits.float() if mask is None else logits.float().masked_fill(~mask, float("-inf"))
-    log_p = torch.log_softmax(z, dim=-1)  # [R, V]
+    log_p = row_log_softmax(z)  # [R, V], the contract's batch-invariant normalizer
     chosen = log_p.gather(1, token_ids.long()[:, None])[:, 0]
     n = min(num_top, log_p.shape[1])
     # topk on the (value, -token id) key: exact ties go to the lower id, without a sort.
@@ -54,25 +55,15 @@ def support_mask_torch(
 ) -> torch.Tensor:
     """scaled: [R, V] fp32 z' (penalized, tempered) -> [R, V] bool, kept by top-k, then
     top-p, then min-p. top_k: [R] int (<= 0 or >= V: off); top_p: [R] in (0, 1] (1: off);
-    min_p: [R] in [0, 1] (0: off); pass float64 to keep the request's exact floats."""
+    min_p: [R] in [0, 1] (0: off); pass float64 to keep the request's exact floats.
+    This is `asyncengine.logprobs.support_mask` with per-row tensors."""
+    from asyncengine.logprobs import support_mask
+    from asyncengine.sampling_params import SamplingParams
+
     vocab = scaled.shape[1]
-    mask = torch.ones_like(scaled, dtype=torch.bool)
-    for r, (k, p, mp) in enumerate(zip(top_k.tolist(), top_p.tolist(), min_p.tolist())):
-        z = scaled[r]
-        if 0 < k < vocab or p < 1.0:
-            sorted_z, order = torch.sort(z, descending=True, stable=True)
-            keep = torch.ones(vocab, dtype=torch.bool, device=z.device)
-            if 0 < k < vocab:
-                keep[k:] = False
-            if p < 1.0:
-                probs = torch.softmax(sorted_z.masked_fill(~keep, float("-inf")), dim=-1)
-                cumulative = torch.cumsum(probs, dim=-1)
-                keep &= torch.cat([cumulative.new_zeros(1), cumulative[:-1]]) < p  # mass before
-            mask[r] = False
-            mask[r, order[keep]] = True
-        if mp > 0.0:
-            mask[r] &= (z - z.max()) >= math.log(mp)
-    return mask
+    params = [SamplingParams(top_k=k if 0 < k < vocab else 0, top_p=p, min_p=mp)
+              for k, p, mp in zip(top_k.tolist(), top_p.tolist(), min_p.tolist())]
+    return support_mask(scaled, params)
 
 
 # --- Triton -------------------------------------------------------------------------
