@@ -25,6 +25,8 @@ class Outcome:
     logprobs: tuple[float, ...]
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...]
     finish_reason: str | None
+    # Raw prompt logprobs and their top-N (when the request asked for prompt_logprobs).
+    prompt_logprobs: tuple[object, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,7 @@ def run(engine: EngineCore, reqs: Sequence[Req], max_steps: int = 100_000) -> di
     lps: dict[str, list[float]] = {r.rid: [] for r in reqs}
     tops: dict[str, list[tuple[tuple[int, float], ...]]] = {r.rid: [] for r in reqs}
     reasons: dict[str, str | None] = {}
+    prompt_lps: dict[str, tuple[object, ...]] = {}
     step = 0
     while pending or engine.has_unfinished():
         while pending and pending[0].arrival_step <= step:
@@ -70,10 +73,14 @@ def run(engine: EngineCore, reqs: Sequence[Req], max_steps: int = 100_000) -> di
             tops[out.request_id].extend(tuple(t) for t in out.top_logprobs or ())
             if out.finished:
                 reasons[out.request_id] = out.finish_reason
+            if out.prompt_logprobs is not None:
+                top = tuple(None if t is None else tuple(t) for t in out.prompt_top_logprobs or ())
+                prompt_lps[out.request_id] = (tuple(out.prompt_logprobs), top)
         step += 1
         assert step < max_steps, "the engine did not finish"
     return {
-        rid: Outcome(tuple(tokens[rid]), tuple(lps[rid]), tuple(tops[rid]), reasons.get(rid)) for rid in tokens
+        rid: Outcome(tuple(tokens[rid]), tuple(lps[rid]), tuple(tops[rid]), reasons.get(rid), prompt_lps.get(rid))
+        for rid in tokens
     }
 
 

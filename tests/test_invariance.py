@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import asyncengine.models.llama as llama
+from asyncengine.sampling_params import SamplingParams
 from tests.invariance_harness import MODES, Req, diff, make_engine, random_prompt, run
 
 VOCAB = 384
@@ -140,6 +141,20 @@ def test_bfloat16_needle_and_chunks(tiny_dirs: dict[str, Path], mode: str) -> No
     cfg = {**BASE, "dtype": "bfloat16"}
     want = run(make_engine(tiny_dirs["qwen2"], **cfg), [needle])["needle"]
     got = run(make_engine(tiny_dirs["qwen2"], max_num_batched_tokens=64, **cfg), batch)["needle"]
+    assert got == want
+
+
+def test_prompt_logprobs_alone_vs_batched_and_chunked(tiny_dirs: dict[str, Path]) -> None:
+    """Echo/scoring: raw prompt logprobs (top-3) of a 150-token prompt computed in one
+    piece alone vs in 16-token chunks among 20 other requests."""
+    rng = random.Random("prompt-logprobs")
+    sp = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=3)
+    scored = Req("scored", random_prompt(rng, 150, VOCAB), sp)
+    want = run(make_engine(tiny_dirs["qwen3"], enable_chunked_prefill=False, **BASE), [scored])["scored"]
+    batch = _reqs(rng, "sampled", 20, 1, 100)
+    batch.insert(7, scored)
+    got = run(make_engine(tiny_dirs["qwen3"], max_num_batched_tokens=16, **BASE), batch)["scored"]
+    assert want.prompt_logprobs is not None and len(want.prompt_logprobs[0]) == 150
     assert got == want
 
 
