@@ -40,8 +40,9 @@ def silu_mul(gate_up: torch.Tensor, exact: bool) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     if not exact:
         return F.silu(gate) * up
-    g = gate.float()
-    return (g / (1.0 + torch.exp(-g))).to(gate.dtype) * up
+    g = gate.float()  # [T, I] fp32 (for fp32 the strided view itself: never written)
+    den = torch.neg(g).exp_().add_(1.0)  # 1 + exp(-g), in place on one new buffer
+    return torch.div(g, den, out=den).to(gate.dtype).mul_(up)
 
 
 @dataclass(slots=True)
