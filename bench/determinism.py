@@ -134,16 +134,17 @@ def main() -> None:
     p.add_argument("--throughput-prompts", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--completions", type=int, default=200)
+    p.add_argument("--completions", type=int, default=200, help="0: throughput only")
     p.add_argument("--completion-len", type=int, default=32)
     p.add_argument("--fast-completions", type=int, default=60, help="the same count on deterministic=False (0: skip)")
     a = p.parse_args()
     t0 = time.perf_counter()
     throughput(a)
-    print(f"unique outputs: {a.completions} completions of one chat prompt, seed 42, T=0.8, "
-          f"{a.completion_len} tokens (target: 1 unique)")
-    unique_outputs(a, True, a.completions)
-    if a.fast_completions:
+    if a.completions:
+        print(f"unique outputs: {a.completions} completions of one chat prompt, seed 42, T=0.8, "
+              f"{a.completion_len} tokens (target: 1 unique)")
+        unique_outputs(a, True, a.completions)
+    if a.completions and a.fast_completions:
         unique_outputs(a, False, a.fast_completions)
     print(f"total {time.perf_counter() - t0:.0f} s")
 
