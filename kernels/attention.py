@@ -83,11 +83,11 @@ def _attend_group(
     num_keys = -(-max(lens[s] for s in seqs) // tile) * tile  # padded to whole tiles
     seq_idx = torch.tensor(seqs, dtype=torch.int64, device=q.device)
 
-    # Gather the group's keys/values: [n, Hkv, L, D] in fp32.
-    tables = meta.block_tables.index_select(0, seq_idx)[:, : num_keys // block_size]
-    tables = _pad_columns(tables, num_keys // block_size)
-    k = k_cache[tables].reshape(n, num_keys, num_kv_heads, head_dim).permute(0, 2, 1, 3).float()
-    v = v_cache[tables].reshape(n, num_keys, num_kv_heads, head_dim).permute(0, 2, 1, 3).float()
+    # Keys/values as [Hkv, n, L, D] fp32: one block gather, one layout copy; tiles are views.
+    tables = _pad_columns(meta.block_tables.index_select(0, seq_idx)[:, : num_keys // block_size],
+                          num_keys // block_size)
+    k = _gather(k_cache, tables).view(num_kv_heads, n, num_keys, head_dim).float()
+    v = _gather(v_cache, tables).view(num_kv_heads, n, num_keys, head_dim).float()
     seq_lens = meta.seq_lens.index_select(0, seq_idx)  # [n]
     key_pos = torch.arange(num_keys, device=q.device)
     # Slots past a sequence's end hold whatever an earlier user of the block left there;
@@ -96,38 +96,46 @@ def _attend_group(
     shortest = min(lens[s] for s in seqs)
     if shortest < num_keys:
         past_end = key_pos[None, shortest:] >= seq_lens[:, None]  # [n, L - shortest]
-        v[:, :, shortest:].masked_fill_(past_end[:, None, :, None], 0.0)
+        v[:, :, shortest:].masked_fill_(past_end[None, :, :, None], 0.0)
 
-    # Queries as rows (g, i) per KV head: [n, Hkv, rows, D], rows = G * q_len padded.
+    # Queries as rows (g, i) per KV head: [Hkv, n, rows, D], rows = G * q_len; the
+    # matmuls see rows padded to MIN_ROWS, the elementwise work only the real ones.
     rows_idx = torch.cat([torch.arange(qsl[s], qsl[s] + q_len, device=q.device) for s in seqs])
-    qg = q.index_select(0, rows_idx).float().view(n, q_len, num_kv_heads, group, head_dim)
-    qg = qg.permute(0, 2, 3, 1, 4).reshape(n, num_kv_heads, group * q_len, head_dim)
     rows = group * q_len
-    padded_rows = max(rows, MIN_ROWS)
-    if padded_rows > rows:
-        qg = torch.nn.functional.pad(qg, (0, 0, 0, padded_rows - rows))
-
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [n, Hkv, rows, L]
+    qg = q.index_select(0, rows_idx).float().view(n, q_len, num_kv_heads, group, head_dim)
+    qg = _pad_rows(qg.permute(2, 0, 3, 1, 4).reshape(num_kv_heads, n, rows, head_dim))
+    scores = torch.matmul(qg, k.transpose(-1, -2))[:, :, :rows] * scale  # [Hkv, n, rows, L]
     q_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=q.device)[None, :]  # [n, q_len]
     allowed = (key_pos[None, None, :] <= q_pos[:, :, None]).repeat(1, group, 1)  # [n, rows, L]
-    if padded_rows > rows:  # padding rows see every key: finite, and discarded below
-        allowed = torch.nn.functional.pad(allowed, (0, 0, 0, padded_rows - rows), value=True)
-    scores.masked_fill_(~allowed[:, None], float("-inf"))
-    probs = torch.exp(scores - scores.amax(-1, keepdim=True))  # [n, Hkv, rows, L]
+    scores.masked_fill_(~allowed[None], float("-inf"))
+    probs = torch.exp(scores - scores.amax(-1, keepdim=True))  # [Hkv, n, rows, L]
 
     # Per-tile partial numerators/denominators, then a sum in tile order.
     num_tiles = num_keys // KEY_TILE
-    p_tiles = probs.view(n, num_kv_heads, padded_rows, num_tiles, KEY_TILE).transpose(2, 3)
-    v_tiles = v.reshape(n, num_kv_heads, num_tiles, KEY_TILE, head_dim)
-    partial = torch.matmul(p_tiles, v_tiles)  # [n, Hkv, tiles, rows, D]
-    partial_den = p_tiles.sum(-1, keepdim=True)  # [n, Hkv, tiles, rows, 1]
-    acc, den = partial[:, :, 0], partial_den[:, :, 0]
+    p_tiles = probs.view(num_kv_heads, n, rows, num_tiles, KEY_TILE).transpose(2, 3)  # [Hkv, n, t, rows, KT]
+    den_tiles = p_tiles.sum(-1, keepdim=True)  # [Hkv, n, t, rows, 1]
+    partial = torch.matmul(_pad_rows(p_tiles), v.view(num_kv_heads, n, num_tiles, KEY_TILE, head_dim))
+    acc, den = partial[:, :, 0], den_tiles[:, :, 0]
     for t in range(1, num_tiles):
         acc = acc + partial[:, :, t]
-        den = den + partial_den[:, :, t]
-    res = (acc / den)[:, :, :rows]  # [n, Hkv, G * q_len, D]
-    res = res.view(n, num_kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
+        den = den + den_tiles[:, :, t]
+    res = acc[:, :, :rows] / den  # [Hkv, n, G * q_len, D]
+    res = res.view(num_kv_heads, n, group, q_len, head_dim).permute(1, 3, 0, 2, 4)
     out.index_copy_(0, rows_idx, res.reshape(n * q_len, num_heads, head_dim))
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """cache [NB, BS, Hkv, D], tables [n, nb] -> [Hkv, n * nb, BS, D] (contiguous).
+    Whole blocks are gathered as rows (memcpy-sized), then one copy fixes the layout."""
+    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
+    blocks = cache.view(num_blocks, -1).index_select(0, tables.reshape(-1))
+    return blocks.view(-1, block_size, num_kv_heads, head_dim).permute(2, 0, 1, 3).contiguous()
+
+
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """Pad the matmul height (dim -2) up to MIN_ROWS with zero rows."""
+    rows = x.shape[-2]
+    return torch.nn.functional.pad(x, (0, 0, 0, MIN_ROWS - rows)) if rows < MIN_ROWS else x
 
 
 def _pad_columns(tables: torch.Tensor, width: int) -> torch.Tensor:
