@@ -5,9 +5,11 @@ touches EngineCore, so the event loop stays responsive while a step runs), and
 per-request output streams filled through `loop.call_soon_threadsafe`.
 
 Commands are applied at step boundaries, in arrival order, by the handlers in
-`AsyncEngine.handlers` (add, abort, reset_prefix_cache, pause, resume, call). More
-commands (issue #4: update_weights, pause modes) plug in as handlers, submitted with
-`await engine.submit(kind, payload)`; `call(fn)` runs any fn(core) between two steps.
+`AsyncEngine.handlers` (add, abort, reset_prefix_cache, pause, resume, update_weights,
+call), submitted with `await engine.submit(kind, payload)`; `call(fn)` runs any fn(core)
+between two steps. Because every command runs between two steps on the one engine
+thread, a weight swap is atomic (no step mixes versions) and concurrent pause / resume /
+update calls are serialized in arrival order.
 """
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 from asyncengine.config import EngineConfig, ModelInfo
 from asyncengine.engine_core import EngineCore, EngineOverloadedError
+from asyncengine.models.weights import WeightLoadError
 from asyncengine.outputs import RequestOutput
 from asyncengine.sampling_params import InvalidRequestError, SamplingParams
 
@@ -33,6 +37,10 @@ Prompt = str | list[int]
 StepObserver = Callable[[float, int, int], None]
 # What the engine thread hands to a stream: a delta, or the error that ends it.
 _Item = RequestOutput | BaseException
+PauseMode = Literal["keep", "abort", "wait"]
+UpdateMode = Literal["keep", "recompute", "abort"]
+# What update_weights takes: a state dict, a safetensors file or directory, or safetensors bytes.
+WeightSource = Mapping[str, Any] | str | Path | bytes
 
 
 class EngineDeadError(RuntimeError):
@@ -48,6 +56,14 @@ class _Command:
     # Where the handler's result or exception goes (None: fire and forget).
     loop: asyncio.AbstractEventLoop | None = None
     future: asyncio.Future[Any] | None = None
+
+
+@dataclass(slots=True)
+class _Pause:
+    mode: PauseMode
+    # mode "wait": settled once the in-flight requests have finished.
+    loop: asyncio.AbstractEventLoop | None = None
+    drained: asyncio.Future[None] | None = None
 
 
 @dataclass(slots=True)
@@ -107,16 +123,20 @@ class AsyncEngine:
         self.step_observer = step_observer
         self.num_steps = 0
         self.handlers: dict[str, Callable[[Any], Any]] = {
-            "add": self._add, "abort": lambda ids: self._deliver(core.abort(ids)),
+            "add": self._add, "abort": self._abort,
             "reset_prefix_cache": lambda _: core.reset_prefix_cache(),
-            "pause": lambda _: self._set_paused(True), "resume": lambda _: self._set_paused(False),
-            "call": lambda fn: fn(core),
+            "pause": self._pause, "resume": lambda _: self._resume(),
+            "update_weights": self._update_weights, "call": lambda fn: fn(core),
         }
         self._cond = threading.Condition(threading.RLock())
         self._inbox: list[_Command] = []
         self._pending_adds = 0  # submitted, not yet applied (for the immediate overload check)
         self._stopping = False
         self._paused = False
+        # pause(mode="wait") in progress: adds are held here, waiters settled once drained.
+        self._draining = False
+        self._held: list[_Add] = []
+        self._drain_waiters: list[_Pause] = []
         self._dead: BaseException | None = None
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._stats: dict[str, float] = dict(core.stats())
@@ -197,15 +217,54 @@ class AsyncEngine:
     async def reset_prefix_cache(self) -> None:
         await self.submit("reset_prefix_cache")
 
-    async def pause(self) -> None:
-        """Stop stepping at the next step boundary; queued and running requests wait."""
-        await self.submit("pause")
+    async def pause(self, mode: PauseMode = "keep") -> None:
+        """Stop stepping at the next step boundary. Idempotent.
+
+        keep: in-flight requests wait, untouched, and continue after resume().
+        abort: in-flight requests finish with "abort" (their partial outputs delivered).
+        wait: admit nothing new, let the in-flight requests finish; returns once they have.
+        Requests added while paused queue up and run after resume(); none is lost.
+        """
+        if mode not in ("keep", "abort", "wait"):
+            raise InvalidRequestError(f"pause mode must be keep, abort or wait, got {mode!r}", "mode")
+        if mode != "wait":
+            await self.submit("pause", _Pause(mode))
+            return
+        loop = asyncio.get_running_loop()
+        cmd = _Pause(mode, loop, loop.create_future())
+        await self.submit("pause", cmd)
+        assert cmd.drained is not None
+        await cmd.drained
 
     async def resume(self) -> None:
+        """Start stepping again (idempotent); held and queued requests run."""
         await self.submit("resume")
 
     def is_paused(self) -> bool:
         return self._paused
+
+    @property
+    def weight_version(self) -> int:
+        return self.core.weight_version
+
+    async def update_weights(
+        self, weights: WeightSource, mode: UpdateMode = "keep", load_format: str = "hf"
+    ) -> int:
+        """Swap in new weights at a step boundary; return the new weight_version.
+
+        A path (safetensors file or directory) or safetensors bytes are read on a worker
+        thread first, so the engine keeps serving while they load; only the swap holds
+        the engine. Abort-mode outputs reach their streams. WeightLoadError (bad names,
+        shapes, dtypes, values) leaves the old weights and version serving.
+        """
+        if load_format not in ("hf", "auto"):
+            raise InvalidRequestError(f"load_format must be 'hf' (HF tensor names), got {load_format!r}", "load_format")
+        state = weights if isinstance(weights, Mapping) else await asyncio.to_thread(_read_weights, weights)
+        return int(await self.submit("update_weights", (state, mode)))
+
+    async def weight_checksums(self) -> dict[str, str]:
+        """sha256 per HF tensor name of the weights being served (hashed on the engine thread)."""
+        return await self.call(lambda core: core.weight_checksums())
 
     async def call(self, fn: Callable[[EngineCore], T]) -> T:
         """Run fn(core) on the engine thread at a step boundary; return its result."""
@@ -245,6 +304,7 @@ class AsyncEngine:
                     self._apply(cmd)
                 if not self._paused and self.core.has_unfinished():
                     self._step()
+                self._check_drained()
             self._deliver(self.core.abort(list(self._streams)))
             self._fail_pending(EngineDeadError("the engine is shut down"))
         except BaseException as exc:  # a fatal error must not hang any client
@@ -292,6 +352,12 @@ class AsyncEngine:
         _resolve(cmd, result, exc)
 
     def _add(self, add: _Add) -> None:
+        if self._draining:  # pause(wait): admit nothing new until the in-flight ones finish
+            self._held.append(add)
+        else:
+            self._admit(add)
+
+    def _admit(self, add: _Add) -> None:
         rid = add.stream.request_id
         try:
             if rid in self._streams:
@@ -302,8 +368,54 @@ class AsyncEngine:
                 self._pending_adds -= 1
         self._streams[rid] = add.stream
 
-    def _set_paused(self, paused: bool) -> None:
-        self._paused = paused
+    def _abort(self, ids: list[str]) -> None:
+        held = [a for a in self._held if a.stream.request_id in ids]
+        if held:  # admit them, so the abort below gives their streams a final output
+            self._held = [a for a in self._held if a not in held]
+            self._admit_all(held)
+        self._deliver(self.core.abort(ids))
+
+    def _pause(self, cmd: _Pause) -> None:
+        if cmd.mode == "abort":
+            self._deliver(self.core.abort(list(self.core.requests)))
+        if cmd.mode == "wait" and not self._paused:
+            self._draining = True
+            self._drain_waiters.append(cmd)
+            self._check_drained()
+            return
+        self._paused = True
+        self._finish_drain(cmd)
+
+    def _resume(self) -> None:
+        self._paused = False
+        self._finish_drain()
+
+    def _check_drained(self) -> None:
+        if self._draining and not self.core.has_unfinished():
+            self._paused = True
+            self._finish_drain()
+
+    def _finish_drain(self, *extra: _Pause) -> None:
+        """End a pause(wait): settle its waiters and queue the held adds in the core."""
+        self._draining = False
+        waiters, self._drain_waiters = [*self._drain_waiters, *extra], []
+        held, self._held = self._held, []
+        self._admit_all(held)
+        for w in waiters:
+            if w.drained is not None and w.loop is not None:
+                _resolve(_Command("pause", None, w.loop, w.drained), None, None)
+
+    def _admit_all(self, adds: list[_Add]) -> None:
+        for add in adds:
+            try:
+                self._admit(add)
+            except Exception as exc:  # its caller already returned: the error ends its stream
+                _post_all([(add.stream, exc)])
+
+    def _update_weights(self, payload: tuple[Mapping[str, Any], UpdateMode]) -> int:
+        state, mode = payload
+        self._deliver(self.core.update_weights(state, mode))
+        return self.core.weight_version
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
         """Hand outputs to their streams (a finished request's stream is forgotten)."""
@@ -322,6 +434,24 @@ class AsyncEngine:
             self._pending_adds = 0
         for cmd in commands:
             _resolve(cmd, None, err)
+
+
+def _read_weights(source: str | Path | bytes) -> dict[str, Any]:
+    """Tensors of safetensors bytes, file or directory (runs on a worker thread)."""
+    if isinstance(source, bytes):
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            return load(source)
+        except SafetensorError as exc:
+            raise WeightLoadError(f"not a safetensors body: {exc}") from exc
+    from asyncengine.models.weights import read_safetensors
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no such weights file or directory: {path}")
+    return read_safetensors(path)
 
 
 def _post_all(items: list[tuple[RequestStream, _Item]]) -> list[RequestStream]:
