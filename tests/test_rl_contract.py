@@ -1,0 +1,182 @@
+"""The weight-update contract through AsyncEngine: updates with requests in flight, pause modes."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from asyncengine.async_engine import AsyncEngine
+from asyncengine.config import EngineConfig
+from asyncengine.models.weights import WeightLoadError, read_safetensors
+from asyncengine.outputs import CompletionResult
+from asyncengine.sampling_params import SamplingParams
+from tests.tiny_models import make_model_dir
+
+PROMPT = list(range(10, 40))
+MAX_TOKENS = 48  # long enough that 16 requests are still running when a command lands
+
+
+@pytest.fixture(scope="module")
+def new_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("v1") / "llama", "llama", seed=123)
+
+
+@pytest.fixture
+async def engine(llama_dir: Path) -> AsyncIterator[AsyncEngine]:
+    eng = AsyncEngine.from_config(EngineConfig(model=str(llama_dir), num_kv_blocks=256, max_model_len=256,
+                                               num_threads=1))
+    yield eng
+    eng.shutdown()
+
+
+def params(i: int, max_tokens: int = MAX_TOKENS) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0 if i % 2 else 0.9, seed=i, ignore_eos=True)
+
+
+async def collect(eng: AsyncEngine, prompt: list[int], sp: SamplingParams, res: CompletionResult) -> CompletionResult:
+    async for out in eng.generate(prompt, sp):
+        res.add(out)
+    return res
+
+
+async def start(eng: AsyncEngine, n: int = 16) -> tuple[list[CompletionResult], list[asyncio.Task[CompletionResult]]]:
+    """n requests in flight, each with at least one token out."""
+    results = [CompletionResult(request_id=str(i), prompt_token_ids=PROMPT[: 10 + i]) for i in range(n)]
+    tasks = [asyncio.create_task(collect(eng, r.prompt_token_ids, params(i), r)) for i, r in enumerate(results)]
+    for _ in range(2000):
+        if all(r.token_ids for r in results):
+            return results, tasks
+        await asyncio.sleep(0.002)
+    raise AssertionError("requests did not start")
+
+
+def assert_versions_split(res: CompletionResult, old: int, new: int) -> None:
+    v = res.weight_versions
+    assert len(v) == len(res.token_ids) and v == sorted(v), v
+    assert v[0] == old and v[-1] == new and set(v) == {old, new}, v
+
+
+async def test_keep_with_16_in_flight_tags_tokens_v0_then_v1(engine: AsyncEngine, new_dir: Path) -> None:
+    results, tasks = await start(engine)
+    await engine.pause("keep")  # every request now has v0 tokens and more to come
+    assert await engine.update_weights(new_dir, "keep") == 1 == engine.weight_version
+    await engine.resume()
+    for r in await asyncio.gather(*tasks):
+        assert r.finish_reason == "length" and len(r.token_ids) == MAX_TOKENS
+        assert_versions_split(r, 0, 1)
+
+
+async def test_keep_without_pause_never_mixes_versions_in_a_step(engine: AsyncEngine, new_dir: Path) -> None:
+    results, tasks = await start(engine)
+    await engine.update_weights(read_safetensors(new_dir), "keep")
+    done = await asyncio.gather(*tasks)
+    assert all(r.finish_reason == "length" and r.weight_versions == sorted(r.weight_versions) for r in done)
+
+
+async def test_abort_returns_16_partial_outputs(engine: AsyncEngine, new_dir: Path) -> None:
+    results, tasks = await start(engine)
+    await engine.update_weights(new_dir, "abort")
+    for r in await asyncio.gather(*tasks):
+        assert r.finish_reason == "abort" and 0 < len(r.token_ids) < MAX_TOKENS
+        assert set(r.weight_versions) == {0}
+    assert engine.stats()["num_running"] == 0
+
+
+async def test_recompute_continues_on_new_weights(engine: AsyncEngine, new_dir: Path) -> None:
+    results, tasks = await start(engine)
+    await engine.pause()
+    await engine.update_weights(new_dir, "recompute")
+    await engine.resume()
+    for r in await asyncio.gather(*tasks):
+        assert r.finish_reason == "length" and len(r.token_ids) == MAX_TOKENS
+        assert_versions_split(r, 0, 1)
+
+
+async def test_bad_updates_leave_version_and_outputs_unchanged(engine: AsyncEngine, new_dir: Path,
+                                                                tmp_path: Path) -> None:
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+    before = await collect(engine, PROMPT, sp, CompletionResult("a", PROMPT))
+    good = read_safetensors(new_dir)
+    missing = dict(good)
+    missing.pop("model.norm.weight")
+    shape = {**good, "model.norm.weight": torch.ones(3)}
+    for bad in (missing, shape, save(missing)):
+        with pytest.raises(WeightLoadError):
+            await engine.update_weights(bad, "keep")
+    with pytest.raises(WeightLoadError):
+        await engine.update_weights(b"not safetensors at all")
+    with pytest.raises(FileNotFoundError):
+        await engine.update_weights(tmp_path / "nope.safetensors")
+    assert engine.weight_version == 0
+    after = await collect(engine, PROMPT, sp, CompletionResult("b", PROMPT))
+    assert (after.token_ids, after.logprobs, after.weight_versions) == (before.token_ids, before.logprobs,
+                                                                        before.weight_versions)
+
+
+async def test_concurrent_updates_are_serialized(engine: AsyncEngine, new_dir: Path) -> None:
+    state = read_safetensors(new_dir)
+    versions = await asyncio.gather(*(engine.update_weights(state) for _ in range(3)))
+    assert sorted(versions) == [1, 2, 3] and engine.weight_version == 3
+
+
+async def test_checksums_follow_the_update(engine: AsyncEngine, new_dir: Path) -> None:
+    old = await engine.weight_checksums()
+    state = read_safetensors(new_dir)
+    await engine.update_weights(new_dir)
+    new = await engine.weight_checksums()
+    assert new == engine.core.weight_checksums() and new.keys() == old.keys()
+    assert all(new[k] != old[k] for k in old)
+    t = state["model.norm.weight"].contiguous()
+    assert new["model.norm.weight"] == hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+async def test_pause_keep_loses_nothing_and_queues_new_requests(engine: AsyncEngine) -> None:
+    results, tasks = await start(engine, 4)
+    await engine.pause("keep")
+    await engine.pause("keep")  # idempotent
+    assert engine.is_paused()
+    late = [asyncio.create_task(collect(engine, PROMPT, params(i, 4), CompletionResult(str(i), PROMPT)))
+            for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert not any(t.done() for t in tasks + late)
+    await engine.resume()
+    await engine.resume()
+    assert not engine.is_paused()
+    done = await asyncio.gather(*tasks, *late)
+    assert all(r.finish_reason == "length" for r in done)
+    assert [len(r.token_ids) for r in done] == [MAX_TOKENS] * 4 + [4] * 3
+
+
+async def test_pause_wait_lets_in_flight_finish_and_holds_new_ones(engine: AsyncEngine) -> None:
+    results, tasks = await start(engine, 4)
+    pausing = asyncio.create_task(engine.pause("wait"))
+    await asyncio.sleep(0)
+    late = asyncio.create_task(collect(engine, PROMPT, params(0, 4), CompletionResult("late", PROMPT)))
+    await pausing
+    assert engine.is_paused()
+    done = await asyncio.gather(*tasks)
+    assert all(r.finish_reason == "length" and len(r.token_ids) == MAX_TOKENS for r in done)
+    await asyncio.sleep(0.05)
+    assert not late.done() and engine.stats()["num_running"] == 0
+    await engine.pause("wait")  # already paused: returns at once
+    await engine.resume()
+    assert len((await late).token_ids) == 4
+
+
+async def test_pause_abort_finishes_in_flight_with_abort(engine: AsyncEngine) -> None:
+    results, tasks = await start(engine, 6)
+    await engine.pause("abort")
+    assert engine.is_paused()
+    done = await asyncio.gather(*tasks)
+    assert all(r.finish_reason == "abort" and 0 < len(r.token_ids) < MAX_TOKENS for r in done)
+    late = asyncio.create_task(collect(engine, PROMPT, params(0, 4), CompletionResult("late", PROMPT)))
+    await asyncio.sleep(0.05)
+    assert not late.done()
+    await engine.resume()
+    assert (await late).finish_reason == "length"
+    assert engine.stats()["num_free_blocks"] == engine.stats()["num_total_blocks"]
