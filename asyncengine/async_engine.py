@@ -434,6 +434,13 @@ class AsyncEngine:
             self._pending_adds = 0
         for cmd in commands:
             _resolve(cmd, None, err)
+        # Requests held by a pause(wait) and its waiters must not hang either.
+        held, self._held = self._held, []
+        _post_all([(a.stream, err) for a in held])
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if w.drained is not None and w.loop is not None:
+                _resolve(_Command("pause", None, w.loop, w.drained), None, err)
 
 
 def _read_weights(source: str | Path | bytes) -> dict[str, Any]:

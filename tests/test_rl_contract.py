@@ -180,3 +180,19 @@ async def test_pause_abort_finishes_in_flight_with_abort(engine: AsyncEngine) ->
     await engine.resume()
     assert (await late).finish_reason == "length"
     assert engine.stats()["num_free_blocks"] == engine.stats()["num_total_blocks"]
+
+
+async def test_shutdown_during_pause_wait_fails_held_requests(llama_dir: Path) -> None:
+    from asyncengine.async_engine import EngineDeadError
+
+    eng = AsyncEngine.from_config(EngineConfig(model=str(llama_dir), num_kv_blocks=256, num_threads=1))
+    results, tasks = await start(eng, 2)
+    await eng.call(lambda core: None)
+    pausing = asyncio.create_task(eng.pause("wait"))
+    await asyncio.sleep(0)
+    late = asyncio.create_task(collect(eng, PROMPT, params(0, 400), CompletionResult("late", PROMPT)))
+    await asyncio.sleep(0.01)
+    eng.shutdown()
+    await asyncio.gather(*tasks, pausing, return_exceptions=True)
+    with pytest.raises(EngineDeadError):
+        await asyncio.wait_for(late, 10)
