@@ -11,7 +11,7 @@ which other rows or sequences share the call.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,8 @@ class AttentionMetadata:
     # Python copies of query_start_loc and seq_lens (the torch path groups on them).
     query_start_loc_list: list[int]
     seq_lens_list: list[int]
+    # Per-step tensors the torch path derives once and reuses in every layer.
+    derived: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
 
 def paged_attention_torch(
@@ -77,37 +79,29 @@ def _attend_group(
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    qsl, lens = meta.query_start_loc_list, meta.seq_lens_list
-    n, q_len = len(seqs), qsl[seqs[0] + 1] - qsl[seqs[0]]
-    tile = max(KEY_TILE, block_size)
-    num_keys = -(-max(lens[s] for s in seqs) // tile) * tile  # padded to whole tiles
-    seq_idx = torch.tensor(seqs, dtype=torch.int64, device=q.device)
+    n, q_len = len(seqs), meta.query_start_loc_list[seqs[0] + 1] - meta.query_start_loc_list[seqs[0]]
+    key = tuple(seqs)
+    if key not in meta.derived:
+        meta.derived[key] = _group_tensors(meta, seqs, max(KEY_TILE, block_size), block_size, group)
+    tables, rows_idx, blocked, past_end, shortest = meta.derived[key]
+    num_keys = blocked.shape[-1]
 
     # Keys/values as [Hkv, n, L, D] fp32: one block gather, one layout copy; tiles are views.
-    tables = _pad_columns(meta.block_tables.index_select(0, seq_idx)[:, : num_keys // block_size],
-                          num_keys // block_size)
     k = _gather(k_cache, tables).view(num_kv_heads, n, num_keys, head_dim).float()
     v = _gather(v_cache, tables).view(num_kv_heads, n, num_keys, head_dim).float()
-    seq_lens = meta.seq_lens.index_select(0, seq_idx)  # [n]
-    key_pos = torch.arange(num_keys, device=q.device)
     # Slots past a sequence's end hold whatever an earlier user of the block left there;
     # a stale inf/NaN would survive p = 0 (0 * inf = NaN), so zero them (v is a gathered
     # copy, never the cache): exact otherwise, and a no-op when no slot is past an end.
-    shortest = min(lens[s] for s in seqs)
-    if shortest < num_keys:
-        past_end = key_pos[None, shortest:] >= seq_lens[:, None]  # [n, L - shortest]
+    if past_end is not None:
         v[:, :, shortest:].masked_fill_(past_end[None, :, :, None], 0.0)
 
     # Queries as rows (g, i) per KV head: [Hkv, n, rows, D], rows = G * q_len; the
     # matmuls see rows padded to MIN_ROWS, the elementwise work only the real ones.
-    rows_idx = torch.cat([torch.arange(qsl[s], qsl[s] + q_len, device=q.device) for s in seqs])
     rows = group * q_len
     qg = q.index_select(0, rows_idx).float().view(n, q_len, num_kv_heads, group, head_dim)
     qg = _pad_rows(qg.permute(2, 0, 3, 1, 4).reshape(num_kv_heads, n, rows, head_dim))
     scores = torch.matmul(qg, k.transpose(-1, -2))[:, :, :rows] * scale  # [Hkv, n, rows, L]
-    q_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=q.device)[None, :]  # [n, q_len]
-    allowed = (key_pos[None, None, :] <= q_pos[:, :, None]).repeat(1, group, 1)  # [n, rows, L]
-    scores.masked_fill_(~allowed[None], float("-inf"))
+    scores.masked_fill_(blocked[None], float("-inf"))
     probs = torch.exp(scores - scores.amax(-1, keepdim=True))  # [Hkv, n, rows, L]
 
     # Per-tile partial numerators/denominators, then a sum in tile order.
@@ -122,6 +116,29 @@ def _attend_group(
     res = acc[:, :, :rows] / den  # [Hkv, n, G * q_len, D]
     res = res.view(num_kv_heads, n, group, q_len, head_dim).permute(1, 3, 0, 2, 4)
     out.index_copy_(0, rows_idx, res.reshape(n * q_len, num_heads, head_dim))
+
+
+def _group_tensors(
+    meta: AttentionMetadata, seqs: list[int], tile: int, block_size: int, group: int
+) -> tuple[torch.Tensor, ...]:
+    """Block tables [n, L / BS], query row ids [n * q_len], the causal "blocked" mask
+    [n, rows, L] and
+    the past-the-end mask of a group: the same in every layer of a step."""
+    qsl, lens = meta.query_start_loc_list, meta.seq_lens_list
+    dev = meta.seq_lens.device
+    q_len = qsl[seqs[0] + 1] - qsl[seqs[0]]
+    num_keys = -(-max(lens[s] for s in seqs) // tile) * tile  # padded to whole tiles
+    seq_idx = torch.tensor(seqs, dtype=torch.int64, device=dev)
+    tables = _pad_columns(meta.block_tables.index_select(0, seq_idx)[:, : num_keys // block_size],
+                          num_keys // block_size)
+    rows_idx = torch.cat([torch.arange(qsl[s], qsl[s] + q_len, device=dev) for s in seqs])
+    seq_lens = meta.seq_lens.index_select(0, seq_idx)  # [n]
+    key_pos = torch.arange(num_keys, device=dev)
+    q_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=dev)[None, :]  # [n, q_len]
+    blocked = (key_pos[None, None, :] > q_pos[:, :, None]).repeat(1, group, 1)  # [n, rows, L]
+    shortest = min(lens[s] for s in seqs)
+    past_end = key_pos[None, shortest:] >= seq_lens[:, None] if shortest < num_keys else None
+    return tables, rows_idx, blocked, past_end, shortest
 
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
