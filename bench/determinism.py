@@ -109,7 +109,7 @@ def unique_outputs(a: argparse.Namespace, deterministic: bool, completions: int)
         engine = rng.choice(engines)
         if rng.random() < 0.3:
             engine.reset_prefix_cache()  # a cold cache this round
-        copies = min(rng.randint(1, 32), completions - len(outputs))
+        copies = min(rng.randint(8, 48), completions - len(outputs))
         reqs = [(f"x{len(outputs)}-{i}", prompt, target, rng.randint(0, 6)) for i in range(copies)]
         for j in range(rng.randint(0, 12)):
             other = [rng.randrange(vocab) for _ in range(rng.randint(1, 128))]
