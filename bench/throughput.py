@@ -89,7 +89,10 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="shrink prompts count and new tokens")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--non-deterministic", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     model_dir = resolve_model(a.model)
     print(f"model {model_dir}  threads {torch.get_num_threads()}  deterministic {not a.non_deterministic}")
     for dtype_name in a.dtypes.split(","):
