@@ -87,7 +87,9 @@ def start_server(model_dir: Path, allowed: Path, log: Path) -> tuple[subprocess.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "asyncengine.cli", "serve", "--model", str(model_dir), "--port", str(port),
+    # Until `asyncengine serve` has --admin-key/--allowed-weights-dir (api/server.py), the child
+    # is this script in --serve mode: create_app + add_admin_routes, as serve() will do.
+    cmd = [sys.executable, __file__, "--serve", "--model", str(model_dir), "--port", str(port),
            "--admin-key", KEY, "--allowed-weights-dir", str(allowed)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with log.open("wb") as out:
@@ -162,6 +164,24 @@ async def throughput(eng: AsyncEngine, state: dict[str, torch.Tensor], every: in
           f"{updates} updates", flush=True)
 
 
+def serve_child(argv: list[str]) -> None:
+    """A server process with the admin endpoints on (see start_server)."""
+    from aiohttp import web
+
+    from api.admin import add_admin_routes
+    from api.server import create_app
+
+    p = argparse.ArgumentParser()
+    for flag in ("--model", "--admin-key", "--allowed-weights-dir"):
+        p.add_argument(flag)
+    p.add_argument("--port", type=int)
+    a = p.parse_args(argv)
+    engine = AsyncEngine.from_config(EngineConfig(model=a.model))
+    app = create_app(engine, shutdown_engine=True)
+    add_admin_routes(app, engine, a.admin_key, Path(a.allowed_weights_dir))
+    web.run_app(app, host="127.0.0.1", port=a.port, print=None)
+
+
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
@@ -191,4 +211,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if sys.argv[1:2] == ["--serve"]:
+        serve_child(sys.argv[2:])
+    else:
+        asyncio.run(main())
