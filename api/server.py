@@ -166,9 +166,10 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> None:
     names = args.served_model_name or [args.model if args.model else engine.core.model_dir.name]
     max_body = int(getattr(args, "max_body_mb", DEFAULT_MAX_BODY_BYTES / 2**20) * 2**20)
     app = create_app(engine, names, max_body, shutdown_engine=True)
-    log.info("serving %s on http://%s:%d", names[0], args.host, args.port)
+    loop = _new_loop(use_uvloop)
+    log.info("serving %s on http://%s:%d (event loop: %s)", names[0], args.host, args.port, type(loop).__module__)
     web.run_app(
-        app, host=args.host, port=args.port, handler_cancellation=True, loop=_new_loop(use_uvloop),
+        app, host=args.host, port=args.port, handler_cancellation=True, loop=loop,
         access_log=logging.getLogger("aiohttp.access") if getattr(args, "access_log", False) else None,
         print=None,
     )

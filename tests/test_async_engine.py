@@ -207,11 +207,12 @@ async def test_fatal_step_error_fails_requests_and_reports_unhealthy(llama_dir: 
 async def test_shutdown_finishes_in_flight_requests_with_abort(llama_dir: Path) -> None:
     eng = AsyncEngine.from_config(_config(llama_dir))
     stream = await eng.add_request(PROMPT, SamplingParams(max_tokens=200, ignore_eos=True))
-    first = await stream.__aiter__().__anext__()
+    it = aiter(stream)
+    first = await anext(it)
     assert not first.finished
     eng.shutdown()
     assert not eng.is_healthy
-    outs = [o async for o in stream]
+    outs = [o async for o in it]
     assert outs[-1].finished and outs[-1].finish_reason == "abort"
     with pytest.raises(EngineDeadError):
         await eng.add_request(PROMPT, SamplingParams())
