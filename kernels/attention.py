@@ -141,11 +141,23 @@ def _group_tensors(
     return tables, rows_idx, blocked, past_end, shortest
 
 
+def head_major_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                     dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
+    """A zeroed KV cache stored as [Hkv, NB, BS, D] and returned as the [NB, BS, Hkv, D]
+    view every op expects. The torch path then gathers a sequence's keys per head as
+    whole 4 KB blocks, already in the [Hkv, n, L, D] order the matmuls want."""
+    phys = torch.zeros(num_kv_heads, num_blocks, block_size, head_dim, dtype=dtype, device=device)
+    return phys.permute(1, 2, 0, 3)
+
+
 def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """cache [NB, BS, Hkv, D], tables [n, nb] -> [Hkv, n * nb, BS, D] (contiguous).
-    Whole blocks are gathered as rows (memcpy-sized), then one copy fixes the layout."""
+    """cache [NB, BS, Hkv, D], tables [n, nb] -> [Hkv, n * nb, BS, D] (contiguous)."""
     num_blocks, block_size, num_kv_heads, head_dim = cache.shape
-    blocks = cache.view(num_blocks, -1).index_select(0, tables.reshape(-1))
+    phys = cache.permute(2, 0, 1, 3)  # [Hkv, NB, BS, D]
+    if phys.is_contiguous():  # head-major storage: one gather, no layout copy
+        return phys.index_select(1, tables.reshape(-1))
+    # Block-major storage: gather whole blocks as rows, then one copy fixes the layout.
+    blocks = cache.reshape(num_blocks, -1).index_select(0, tables.reshape(-1))
     return blocks.view(-1, block_size, num_kv_heads, head_dim).permute(2, 0, 1, 3).contiguous()
 
 

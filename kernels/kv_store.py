@@ -13,9 +13,10 @@ def store_kv_torch(
 ) -> None:
     """key, value: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D];
     slot_mapping: [T] int64, slot = block_id * block_size + offset. Writes in place."""
-    num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    # flatten(0, 1) is a view for the contiguous layout and for the head-major one the
+    # torch backend allocates (see kernels.attention.head_major_cache).
+    k_cache.flatten(0, 1).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.flatten(0, 1).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
 # --- Triton -------------------------------------------------------------------------
