@@ -166,3 +166,12 @@ async def test_sse_chunks_carry_the_version_of_each_token(client: TestClient, en
             await call(client, "POST", "/update_weights", {"path": "v1"})
             await call(client, "POST", "/resume")
     assert len(versions) == 24 and versions == sorted(versions) and versions[0] == 0 and versions[-1] == 1
+
+
+def test_serve_cli_wires_the_admin_flags(llama_dir: Path, tmp_path: Path) -> None:
+    """`asyncengine serve --admin-key K --allowed-weights-dir D` reaches create_app."""
+    from asyncengine.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", str(llama_dir), "--admin-key", "k",
+                                      "--allowed-weights-dir", str(tmp_path)])
+    assert args.admin_key == "k" and Path(args.allowed_weights_dir) == tmp_path
