@@ -151,11 +151,7 @@ class AsyncEngine:
     # -- public API (event loop thread) -----------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a text prompt (with special tokens, like LLM.encode) or of ids."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequestError("text prompts need a tokenizer; pass token ids", "prompt")
-            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
-        return list(prompt)
+        return self.core.encode(prompt)
 
     async def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue a request and wait until the engine accepted it.

@@ -72,6 +72,14 @@ class EngineCore:
             )
         self.scheduler.add(req)
 
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt given as text (with the tokenizer's special tokens) or ids."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("text prompts need a tokenizer; pass token ids", "prompt")
+            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        return list(prompt)
+
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         info = self.model_info
         if request_id in self.requests:

@@ -29,11 +29,7 @@ class LLM:
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt given as text or ids (text needs the model's tokenizer)."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequestError("text prompts need a tokenizer; pass token ids", "prompt")
-            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
-        return list(prompt)
+        return self.engine.encode(prompt)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat rendered with the tokenizer's chat template."""
