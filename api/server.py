@@ -37,6 +37,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="bound of the waiting queue; past it requests get 503 + Retry-After")
     parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
                         help="largest request body (413 beyond)")
+    parser.add_argument("--admin-key", default=None,
+                        help="enable the RL admin endpoints (api/admin.py), which then need 'Bearer KEY'")
+    parser.add_argument("--allowed-weights-dir", default=None,
+                        help="directory that /update_weights may read safetensors paths from")
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
 
@@ -166,6 +170,7 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> None:
     names = args.served_model_name or [args.model if args.model else engine.core.model_dir.name]
     max_body = int(getattr(args, "max_body_mb", DEFAULT_MAX_BODY_BYTES / 2**20) * 2**20)
     app = create_app(engine, names, max_body, shutdown_engine=True)
+    _add_admin(app, engine, args)
     loop = _new_loop(use_uvloop)
     log.info("serving %s on http://%s:%d (event loop: %s)", names[0], args.host, args.port, type(loop).__module__)
     web.run_app(
@@ -173,6 +178,19 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> None:
         access_log=logging.getLogger("aiohttp.access") if getattr(args, "access_log", False) else None,
         print=None,
     )
+
+
+def _add_admin(app: web.Application, engine: AsyncEngine, args: argparse.Namespace) -> None:
+    """The admin endpoints exist only with --admin-key (they are 404 otherwise)."""
+    from pathlib import Path
+
+    from api.admin import add_admin_routes
+
+    key = getattr(args, "admin_key", None)
+    allowed = getattr(args, "allowed_weights_dir", None)
+    add_admin_routes(app, engine, key, Path(allowed) if allowed else None)
+    if key:
+        log.info("admin endpoints enabled (weights from %s)", allowed or "nowhere: no --allowed-weights-dir")
 
 
 def _new_loop(use_uvloop: bool) -> Any:
