@@ -76,8 +76,8 @@ def apply_penalties(
 
 
 def apply_temperature(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """z' = z / T per row; greedy rows (T = 0) use T = 1."""
-    temps = [sp.temperature if sp.temperature > 0 else 1.0 for sp in params]
+    """z' = z / T per row; greedy rows (T below GREEDY_TEMPERATURE) use T = 1."""
+    temps = [1.0 if sp.greedy else sp.temperature for sp in params]
     if all(t == 1.0 for t in temps):
         return logits
     return logits / torch.tensor(temps, dtype=logits.dtype)[:, None]

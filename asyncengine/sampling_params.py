@@ -6,6 +6,8 @@ from typing import Literal
 
 LogprobsMode = Literal["processed", "raw"]
 MAX_TOP_LOGPROBS = 20
+# Temperatures below this are greedy: dividing logits by a tinier T overflows to inf/NaN.
+GREEDY_TEMPERATURE = 1e-5
 
 
 class InvalidRequestError(ValueError):
@@ -22,7 +24,7 @@ class SamplingParams:
     max_tokens: int = 16
     # Tokens to generate before EOS / stop tokens may end the request.
     min_tokens: int = 0
-    # 0 means greedy (argmax); processed logprobs then use T=1.
+    # 0 (or below GREEDY_TEMPERATURE) means greedy (argmax); processed logprobs then use T=1.
     temperature: float = 1.0
     # Keep the k most likely tokens (ties by lower token id); 0 or -1 = off.
     top_k: int = 0
@@ -104,7 +106,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def top_k_active(self) -> bool:

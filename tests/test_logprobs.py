@@ -119,3 +119,14 @@ def test_transformers_ignores_our_kernels_package() -> None:
 
     assert not import_utils.is_kernels_available()
     from transformers import LlamaForCausalLM  # noqa: F401
+
+
+def test_tiny_temperature_is_greedy_not_nan() -> None:
+    z = torch.tensor([[1.0, 3.0, 2.0]])
+    for t in (0.0, 1e-300, 1e-6):
+        params = [sp(temperature=t)]
+        assert params[0].greedy
+        scaled = L.apply_temperature(z, params)
+        assert torch.equal(scaled, z)
+        assert torch.isfinite(L.processed_log_probs(scaled, L.support_mask(scaled, params))).all()
+    assert not sp(temperature=1e-4).greedy
