@@ -15,21 +15,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # The repo root first: run as a script, bench/ leads sys.path and bench/kernels.py
 # would shadow the `kernels` package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import server_process  # noqa: E402  (bench/, beside this script)
 
 from api.client import AsyncClient  # noqa: E402
 from asyncengine.cli import add_engine_args, config_from_args  # noqa: E402
@@ -80,25 +79,7 @@ def engine_flags(a: argparse.Namespace) -> list[str]:
 
 
 def start_server(a: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "asyncengine.cli", "serve", "--port", str(port), *engine_flags(a)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("server did not start")
+    return server_process.start_server(engine_flags(a), log)
 
 
 async def run_http(url: str, w: Workload) -> tuple[float, list[Trace]]:

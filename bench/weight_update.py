@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,8 @@ from typing import Any
 # The repo root first: run as a script, bench/ leads sys.path and bench/kernels.py
 # would shadow the `kernels` package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import server_process  # noqa: E402  (bench/, beside this script)
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -84,28 +84,8 @@ async def in_process(config: EngineConfig, state: dict[str, torch.Tensor], path:
 
 # -- 2. HTTP ------------------------------------------------------------------------------
 def start_server(model_dir: Path, allowed: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # Until `asyncengine serve` has --admin-key/--allowed-weights-dir (api/server.py), the child
-    # is this script in --serve mode: create_app + add_admin_routes, as serve() will do.
-    cmd = [sys.executable, __file__, "--serve", "--model", str(model_dir), "--port", str(port),
-           "--admin-key", KEY, "--allowed-weights-dir", str(allowed)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("server did not start")
+    flags = ["--model", str(model_dir), "--admin-key", KEY, "--allowed-weights-dir", str(allowed)]
+    return server_process.start_server(flags, log)
 
 
 def post(url: str, data: bytes, content_type: str) -> bytes:
@@ -164,24 +144,6 @@ async def throughput(eng: AsyncEngine, state: dict[str, torch.Tensor], every: in
           f"{updates} updates", flush=True)
 
 
-def serve_child(argv: list[str]) -> None:
-    """A server process with the admin endpoints on (see start_server)."""
-    from aiohttp import web
-
-    from api.admin import add_admin_routes
-    from api.server import create_app
-
-    p = argparse.ArgumentParser()
-    for flag in ("--model", "--admin-key", "--allowed-weights-dir"):
-        p.add_argument(flag)
-    p.add_argument("--port", type=int)
-    a = p.parse_args(argv)
-    engine = AsyncEngine.from_config(EngineConfig(model=a.model))
-    app = create_app(engine, shutdown_engine=True)
-    add_admin_routes(app, engine, a.admin_key, Path(a.allowed_weights_dir))
-    web.run_app(app, host="127.0.0.1", port=a.port, print=None)
-
-
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
@@ -211,7 +173,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--serve"]:
-        serve_child(sys.argv[2:])
-    else:
-        asyncio.run(main())
+    asyncio.run(main())
