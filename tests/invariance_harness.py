@@ -7,6 +7,8 @@ every finite value and for -inf), top-N alternatives and the finish reason.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,3 +97,16 @@ def random_prompt(rng: random.Random, length: int, vocab: int) -> tuple[int, ...
 def diff(got: Mapping[str, Outcome], want: Mapping[str, Outcome]) -> list[str]:
     """Names of the requests whose outcome differs (empty when all are bitwise equal)."""
     return sorted(rid for rid in want if got.get(rid) != want[rid])
+
+
+@contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """torch intra-op threads set to n inside the block, restored after."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -8,13 +8,13 @@ F.silu's vectorized body vs scalar tail).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.invariance_harness import num_threads
 from asyncengine.models.llama import MIN_GEMM_ROWS, linear, silu_mul
 from kernels.attention import AttentionMetadata, paged_attention_torch
 from kernels.rmsnorm import rms_norm_torch
@@ -22,16 +22,6 @@ from kernels.rmsnorm import rms_norm_torch
 # (in, out) of the projections of the tiny test models and of SmolLM2-135M.
 GEMM_SHAPES = [(64, 128), (64, 256), (128, 64), (64, 384), (576, 960), (1536, 576)]
 ROW_COUNTS = list(range(1, 41)) + [63, 64, 65, 127, 128, 129]
-
-
-@contextmanager
-def num_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def rows_that_differ(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, counts: list[int]) -> list[int]:

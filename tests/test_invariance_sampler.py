@@ -15,27 +15,16 @@ In the engine that makes
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 
+from tests.invariance_harness import num_threads
 from asyncengine import logprobs as L
 from asyncengine import sampler
 from asyncengine.request import Request
 from asyncengine.sampling_params import SamplingParams
 
 VOCAB = 49152
-
-
-@contextmanager
-def num_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _logits(rows: int, seed: int = 0) -> torch.Tensor:
