@@ -24,7 +24,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--non-deterministic", action="store_true", help="allow faster batch-dependent paths")
-    p.add_argument("--kernel-backend", default=d.kernel_backend, choices=["auto", "torch", "triton"])
+    p.add_argument("--kernel-backend", default=d.kernel_backend, choices=["auto", "cpu", "torch", "triton"])
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=d.seed)
 

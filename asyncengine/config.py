@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 DTYPES = ("float32", "bfloat16")
-KernelBackend = Literal["auto", "torch", "triton"]
+KernelBackend = Literal["auto", "cpu", "torch", "triton"]
 
 
 class ConfigError(ValueError):
@@ -40,7 +40,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Bitwise batch/chunk/cache invariance (the contract); False allows faster paths.
     deterministic: bool = True
-    # Which implementation of the hot ops runs: auto = Triton on CUDA, torch otherwise.
+    # Which implementation of the hot ops runs: auto = Triton on CUDA; on CPU the compiled
+    # CPU attention op (kernels/attention_cpu.py) with torch for the rest, or plain torch
+    # if that op cannot be built here.
     kernel_backend: KernelBackend = "auto"
     # Device for weights and KV cache.
     device: str = "cpu"
@@ -68,8 +70,8 @@ class EngineConfig:
             raise ConfigError("max_num_batched_tokens must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError("max_model_len must be at least 2")
-        if self.kernel_backend not in ("auto", "torch", "triton"):
-            raise ConfigError(f"kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}")
+        if self.kernel_backend not in ("auto", "cpu", "torch", "triton"):
+            raise ConfigError(f"kernel_backend must be auto, cpu, torch or triton, got {self.kernel_backend!r}")
         if self.max_waiting < 1:
             raise ConfigError("max_waiting must be at least 1")
 

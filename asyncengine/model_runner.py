@@ -12,7 +12,7 @@ from asyncengine.models.llama import LlamaModel
 from asyncengine.models.weights import load_weights, read_safetensors
 from asyncengine.outputs import ModelRunnerOutput, PromptLogprobs, SampleResult, SchedulerOutput
 from asyncengine.request import Request
-from kernels.attention import AttentionMetadata, head_major_cache
+from kernels.attention import AttentionMetadata
 from kernels.dispatch import get_ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -45,15 +45,13 @@ class ModelRunner:
         self.config = config
         self.block_size = config.block_size
         a = model.args
-        shape = (num_blocks, config.block_size, a.num_kv_heads, a.head_dim)
-        # Zero-filled: padded block-table entries are read (then masked), never NaN. Every
-        # op sees [NB, BS, Hkv, D]; the torch path stores it head-major underneath.
-        def cache() -> torch.Tensor:
-            if model.ops.name == "torch":
-                return head_major_cache(*shape, dtype=model.dtype, device=config.device)
-            return torch.zeros(shape, dtype=model.dtype, device=config.device)
-
-        self.kv_caches = [(cache(), cache()) for _ in range(a.num_layers)]
+        # Zero-filled (padded block-table entries may be read, then masked: never NaN); every
+        # op sees [NB, BS, Hkv, D], stored in the layout the kernel backend reads fastest.
+        self.kv_caches = [
+            model.ops.new_kv_cache(num_blocks, config.block_size, a.num_kv_heads, a.head_dim,
+                                   dtype=model.dtype, device=config.device)
+            for _ in range(a.num_layers)
+        ]
 
     @staticmethod
     def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: str) -> int:

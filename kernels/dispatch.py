@@ -1,21 +1,30 @@
-"""Choose the implementation of the hot ops: Triton on CUDA, torch otherwise.
+"""Choose the implementation of the hot ops: Triton on CUDA; on CPU the torch ops with
+the compiled CPU attention op (kernels/attention_cpu.py), or plain torch.
 
 `get_ops(backend, device)` returns one KernelOps; the model holds it and calls through it,
 so the choice is made once, from the engine config, never from the environment.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
-from kernels import attention, kv_store, rmsnorm, rope, sampling
-from kernels.attention import paged_attention_torch
+from kernels import attention, attention_cpu, kv_store, rmsnorm, rope, sampling
+from kernels.attention import head_major_cache, paged_attention_torch
 from kernels.kv_store import store_kv_torch
 from kernels.rmsnorm import rms_norm_torch
 from kernels.rope import apply_rope_torch
 from kernels.sampling import LogprobsOut, log_softmax_topn_torch, support_mask_torch
+
+
+def contiguous_kv_cache(*shape: int, dtype: torch.dtype, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+
+def head_major_kv_cache(*shape: int, dtype: torch.dtype, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return head_major_cache(*shape, dtype=dtype, device=device), head_major_cache(*shape, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +37,9 @@ class KernelOps:
     # Sampling support (kernels/sampling.py): log_softmax + chosen + top-N, support mask.
     log_softmax_topn: Callable[..., LogprobsOut] = log_softmax_topn_torch
     support_mask: Callable[..., torch.Tensor] = support_mask_torch
+    # (num_blocks, block_size, Hkv, D, dtype, device) -> zeroed (k_cache, v_cache), both
+    # seen as [NB, BS, Hkv, D]; each backend stores them in the layout it reads fastest.
+    new_kv_cache: Callable[..., tuple[torch.Tensor, torch.Tensor]] = contiguous_kv_cache
 
 
 TORCH_OPS = KernelOps(
@@ -38,7 +50,12 @@ TORCH_OPS = KernelOps(
     paged_attention=paged_attention_torch,
     log_softmax_topn=log_softmax_topn_torch,
     support_mask=support_mask_torch,
+    new_kv_cache=head_major_kv_cache,
 )
+# The torch ops with the compiled CPU attention (no gather, no padding: the CPU engine's
+# fast path, batch-invariant by construction like the torch one).
+CPU_OPS = replace(TORCH_OPS, name="cpu", paged_attention=attention_cpu.paged_attention_cpu,
+                  store_kv=attention_cpu.store_kv_cpu, new_kv_cache=attention_cpu.new_kv_cache)
 
 
 def triton_available() -> bool:
@@ -46,12 +63,20 @@ def triton_available() -> bool:
 
 
 def get_ops(backend: str, device: str | torch.device) -> KernelOps:
-    """backend: "auto" (Triton on CUDA when Triton imports, else torch), "torch" or "triton"
-    (forced; on a CPU device that means the Triton interpreter)."""
-    if backend not in ("auto", "torch", "triton"):
+    """backend: "auto" (Triton on CUDA when Triton imports; on CPU the compiled CPU
+    attention when it builds, else torch), "cpu", "torch" or "triton" (forced; on a CPU
+    device "triton" means the Triton interpreter)."""
+    if backend not in ("auto", "cpu", "torch", "triton"):
         raise ValueError(f"unknown kernel backend {backend!r}")
     on_cuda = torch.device(device).type == "cuda"
-    if backend == "torch" or (backend == "auto" and not (on_cuda and triton_available())):
+    if backend == "cpu" or (backend == "auto" and not on_cuda):
+        if on_cuda:
+            raise ValueError('kernel_backend="cpu" needs a CPU device')
+        if backend == "cpu":
+            attention_cpu.load()  # forced: a build failure is an error, not a fallback
+            return CPU_OPS
+        return CPU_OPS if attention_cpu.available() else TORCH_OPS
+    if backend == "torch" or (backend == "auto" and not triton_available()):
         return TORCH_OPS
     return _triton_ops(on_cuda)
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tests.invariance_harness import num_threads
 from asyncengine.models.llama import MIN_GEMM_ROWS, linear, silu_mul
 from kernels.attention import AttentionMetadata, paged_attention_torch
+from kernels.attention_cpu import paged_attention_cpu
 from kernels.rmsnorm import rms_norm_torch
 
 # (in, out) of the projections of the tiny test models and of SmolLM2-135M.
@@ -102,9 +103,12 @@ def _meta(chunks: list[tuple[int, int]], tables: list[list[int]]) -> AttentionMe
     )
 
 
+@pytest.mark.parametrize("impl", [paged_attention_torch, paged_attention_cpu], ids=["torch", "cpu"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (9, 3, 64)])
-def test_paged_attention_rows_are_invariant(heads: int, kv_heads: int, head_dim: int, threads: int) -> None:
+def test_paged_attention_rows_are_invariant(
+    heads: int, kv_heads: int, head_dim: int, threads: int, impl: Callable[..., torch.Tensor]
+) -> None:
     """The query at position p of one sequence gives the same bits as a decode alone, as
     a decode among others of any length, and as any row of a prefill chunk of any size."""
     g = torch.Generator().manual_seed(heads)
@@ -116,7 +120,7 @@ def test_paged_attention_rows_are_invariant(heads: int, kv_heads: int, head_dim:
     queries = torch.randn(length, heads, head_dim, generator=g)  # query of position p
 
     def attend(chunks: list[tuple[int, int]], tables: list[list[int]], q: torch.Tensor) -> torch.Tensor:
-        return paged_attention_torch(q, k_cache, v_cache, _meta(chunks, tables), head_dim**-0.5)
+        return impl(q, k_cache, v_cache, _meta(chunks, tables), head_dim**-0.5)
 
     with num_threads(threads):
         alone = torch.cat([attend([(p + 1, 1)], [table], queries[p : p + 1]) for p in range(length)])
@@ -138,4 +142,4 @@ def test_negative_control_attention_without_row_padding(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(attention, "MIN_ROWS", 1)
     with pytest.raises(AssertionError):
-        test_paged_attention_rows_are_invariant(4, 2, 16, 1)
+        test_paged_attention_rows_are_invariant(4, 2, 16, 1, paged_attention_torch)

@@ -5,6 +5,9 @@
 - the Triton kernel (interpreter) against the torch reference: odd lengths, partial
   blocks, chunk starts inside a block, key tiles spanning several blocks, GQA ratios
   1/2/3/4, head dims 32/64/80 (rtol = atol = 1e-5, fp32);
+- the compiled CPU op (kernels/attention_cpu.py) against the torch reference, in both
+  cache layouts (its own d-major keys and the plain one) with the same bits, fp32 and
+  bf16 caches, block sizes 8/16/32;
 - invariance, bitwise: a sequence alone vs in a batch, and a query's output whatever
   chunk of chunked prefill it is computed in.
 """
@@ -20,6 +23,7 @@ import pytest
 import torch
 
 from kernels.attention import AttentionMetadata, paged_attention_torch, paged_attention_triton
+from kernels.attention_cpu import new_kv_cache, paged_attention_cpu, store_kv_cpu
 
 if TYPE_CHECKING:  # the builder lives in this folder's conftest.py (fixture paged_case)
     from conftest import PagedCase
@@ -35,6 +39,8 @@ def _impl(name: str, request: pytest.FixtureRequest) -> Callable[..., torch.Tens
     if name == "triton":
         request.getfixturevalue("need_triton")
         return paged_attention_triton
+    if name == "cpu":
+        return paged_attention_cpu
     return paged_attention_torch
 
 
@@ -91,7 +97,7 @@ def test_triton_accepts_strided_queries(paged_case: Callable) -> None:
     torch.testing.assert_close(out, ref, **TOL)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "cpu", "triton"])
 def test_sequence_alone_equals_sequence_in_batch(
     impl: str, paged_case: Callable, request: pytest.FixtureRequest
 ) -> None:
@@ -106,7 +112,7 @@ def test_sequence_alone_equals_sequence_in_batch(
         assert torch.equal(alone, batch[start:end]), f"sequence {s} changed inside the batch"
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "cpu", "triton"])
 def test_output_independent_of_prefill_chunking(
     impl: str, paged_case: Callable, request: pytest.FixtureRequest
 ) -> None:
@@ -124,7 +130,7 @@ def test_output_independent_of_prefill_chunking(
             done += size
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("stale", [float("nan"), float("inf")])
 def test_stale_slots_never_leak(
     impl: str, stale: float, paged_case: Callable, request: pytest.FixtureRequest
@@ -144,3 +150,65 @@ def test_stale_slots_never_leak(
     v_before = case.v_cache.clone()
     assert torch.equal(attend(q, case.k_cache, case.v_cache, meta, 0.2), ref)
     assert torch.equal(case.v_cache.nan_to_num(), v_before.nan_to_num()), "the cache was modified"
+
+
+def _relaid(case: PagedCase, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The case's caches copied into the CPU op's own layout (keys d-major per block)."""
+    num_blocks, block_size, num_kv_heads, head_dim = case.k_cache.shape
+    k, v = new_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
+    k.copy_(case.k_cache)
+    v.copy_(case.v_cache)
+    return k, v
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,block_size",
+    [(4, 4, 32, 16), (8, 4, 64, 16), (8, 2, 32, 8), (9, 3, 64, 16), (4, 2, 80, 32), (6, 1, 128, 16)],
+)
+def test_cpu_op_matches_torch_in_both_layouts(
+    paged_case: Callable, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int
+) -> None:
+    case = paged_case(MAX_LENS, num_heads, num_kv_heads, head_dim, block_size, seed=head_dim + block_size)
+    q, meta = case.batch(MIXED)
+    scale = head_dim**-0.5
+    ref = paged_attention_torch(q, case.k_cache, case.v_cache, meta, scale)
+    plain = paged_attention_cpu(q, case.k_cache, case.v_cache, meta, scale)
+    torch.testing.assert_close(plain, ref, **TOL)
+    # The d-major key layout is read in place, the plain one through a transposed copy:
+    # the same operations on the same values, so the same bits.
+    assert torch.equal(paged_attention_cpu(q, *_relaid(case), meta, scale), plain)
+
+
+def test_cpu_op_with_bf16_cache_matches_torch(paged_case: Callable) -> None:
+    case = paged_case(MAX_LENS, 9, 3, 64, 16, seed=2)
+    q, meta = case.batch(MIXED)
+    k, v = _relaid(case, torch.bfloat16)
+    ref = paged_attention_torch(q.bfloat16(), k, v, meta, 0.125).float()
+    out = paged_attention_cpu(q.bfloat16(), k, v, meta, 0.125)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_cpu_store_kv_writes_the_slots_its_attention_reads(paged_case: Callable) -> None:
+    """store_kv_cpu into the op's own layout, then attention, equals the plain cache."""
+    case = paged_case([40, 23], 4, 2, 32, 16, seed=4)
+    q, meta = case.batch([(0, 40, 40), (1, 23, 23)])
+    num_blocks, block_size, num_kv_heads, head_dim = case.k_cache.shape
+    k, v = new_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, torch.float32)
+    flat_k = case.k_cache.reshape(-1, num_kv_heads, head_dim)
+    flat_v = case.v_cache.reshape(-1, num_kv_heads, head_dim)
+    store_kv_cpu(flat_k[meta.slot_mapping], flat_v[meta.slot_mapping], k, v, meta.slot_mapping)
+    assert torch.equal(k.reshape(-1, num_kv_heads, head_dim)[meta.slot_mapping], flat_k[meta.slot_mapping])
+    assert torch.equal(v.reshape(-1, num_kv_heads, head_dim)[meta.slot_mapping], flat_v[meta.slot_mapping])
+    got = paged_attention_cpu(q, k, v, meta, 0.2)
+    assert torch.equal(got, paged_attention_cpu(q, case.k_cache, case.v_cache, meta, 0.2))
+
+
+def test_cpu_op_propagates_nan_from_a_live_key(paged_case: Callable) -> None:
+    """A NaN inside a sequence (not past its end) must reach that sequence's output,
+    not be clamped away, and must not touch the other sequence."""
+    case = paged_case([21, 9], 4, 2, 32, 16, seed=5)
+    q, meta = case.batch([(0, 21, 1), (1, 9, 1)])
+    case.k_cache[case.tables[0][0], 3, 0] = float("nan")
+    out = paged_attention_cpu(q, case.k_cache, case.v_cache, meta, 0.2)
+    assert out[0, :2].isnan().all() and not out[1].isnan().any()

@@ -1,4 +1,5 @@
-"""Backend choice: torch on CPU for "auto", Triton launchers when forced."""
+"""Backend choice: the compiled CPU attention for "auto" on CPU, torch when asked (or when
+that op cannot be built), Triton launchers when forced."""
 from __future__ import annotations
 
 import os
@@ -10,13 +11,24 @@ import dataclasses
 import pytest
 import torch
 
-from kernels.dispatch import TORCH_OPS, KernelOps, get_ops
+from kernels import attention_cpu
+from kernels.dispatch import CPU_OPS, TORCH_OPS, KernelOps, get_ops
 
 
-def test_torch_and_auto_on_cpu_pick_torch() -> None:
+def test_torch_on_cpu_picks_torch_and_auto_the_cpu_op() -> None:
     assert get_ops("torch", "cpu") is TORCH_OPS
-    assert get_ops("auto", "cpu") is TORCH_OPS
     assert get_ops("torch", torch.device("cpu")) is TORCH_OPS
+    # The test machines have a C++ compiler: the op must build, not silently fall back.
+    assert get_ops("auto", "cpu") is CPU_OPS
+    assert get_ops("cpu", "cpu") is CPU_OPS
+    assert CPU_OPS.paged_attention is attention_cpu.paged_attention_cpu
+
+
+def test_auto_falls_back_to_torch_when_the_cpu_op_cannot_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention_cpu, "_state", {"error": "no compiler"})
+    assert get_ops("auto", "cpu") is TORCH_OPS
+    with pytest.raises(RuntimeError, match="no compiler"):
+        get_ops("cpu", "cpu")
 
 
 def test_unknown_backend_is_rejected() -> None:
@@ -34,7 +46,7 @@ def test_forced_triton_on_cpu_uses_the_interpreted_kernels() -> None:
     ops = get_ops("triton", "cpu")
     assert ops.name == "triton"
     for field in dataclasses.fields(KernelOps):
-        if field.name != "name":
+        if field.name not in ("name", "new_kv_cache"):  # the cache allocator is no kernel
             assert getattr(ops, field.name).__name__.endswith("_triton"), field.name
     x, w = torch.randn(3, 64), torch.randn(64)
     torch.testing.assert_close(ops.rms_norm(x, w, 1e-6)[0], TORCH_OPS.rms_norm(x, w, 1e-6)[0])

@@ -1,0 +1,155 @@
+"""The CPU engine's paged attention: a small C++ op (kernels/csrc/paged_attention_cpu.cpp).
+
+It reads keys and values straight from the block table and computes every query row by
+one fixed sequence of operations, so it is batch-invariant by construction and needs no
+gather, no row padding and no past-the-end guard (see the comment atop the source).
+
+The op is compiled on first use with the machine's C++ compiler against the installed
+torch (about 10 s, once), into a cache directory keyed by the source, the torch version
+and the CPU's instruction-set flags, then loaded with torch.ops.load_library.
+`available()` says whether that worked; kernels.dispatch falls back to the torch path
+when it did not.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from kernels.attention import AttentionMetadata, head_major_cache
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"
+# -ffp-contract=off: only the source's explicit FMAs fuse, so the rounding of every op
+# is fixed by the source, not by what the optimizer happens to contract.
+# -fopenmp: at::parallel_for is inlined from the headers; the libgomp.so.1 it needs is
+# the one torch already loaded (same soname), so both share one thread pool.
+CXXFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "asyncengine" / "ops"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build_key() -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for part in (torch.__version__, " ".join(CXXFLAGS), _cpu_flags()):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def _compile(target: Path) -> None:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    libs = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target, then rename: concurrent builders never see a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [cxx, *CXXFLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(SOURCE), "-o", tmp, *libs]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(tmp, target)
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{exc.stderr[-4000:]}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load() -> None:
+    """Compile (once per machine and source) and load the op; raises RuntimeError on failure."""
+    with _lock:
+        if "error" in _state:
+            raise RuntimeError(str(_state["error"]))
+        if _state.get("loaded"):
+            return
+        try:
+            target = cache_dir() / f"paged_attention_cpu-{_build_key()}.so"
+            if not target.exists():
+                log.info("compiling the CPU attention op into %s", target)
+                _compile(target)
+            torch.ops.load_library(str(target))
+        except (OSError, RuntimeError) as exc:
+            _state["error"] = f"the CPU attention op is unavailable: {exc}"
+            raise RuntimeError(str(_state["error"])) from exc
+        _state["loaded"] = True
+
+
+def available() -> bool:
+    try:
+        load()
+    except RuntimeError as exc:
+        log.warning("%s; using the torch attention path", exc)
+        return False
+    return True
+
+
+def new_kv_cache(
+    num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed caches, both seen as [NB, BS, Hkv, D]. Keys are stored [Hkv, NB, D, BS]: the
+    16 keys of a chunk are then [D, 16] rows the score loop reads in place. Values are
+    stored [Hkv, NB, BS, D]: each key's values are one contiguous row."""
+    k = torch.zeros(num_kv_heads, num_blocks, head_dim, block_size, dtype=dtype, device=device).permute(1, 3, 0, 2)
+    return k, head_major_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+
+
+def store_kv_cpu(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """store_kv for the caches of new_kv_cache: key, value [T, Hkv, D] into slot_mapping [T]."""
+    block_size = k_cache.shape[1]
+    # The key view's (block, slot) dims do not merge: index them as a pair, in place.
+    k_cache[slot_mapping // block_size, slot_mapping % block_size] = key.to(k_cache.dtype)
+    v_cache.flatten(0, 1).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def paged_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Same contract as kernels.attention.paged_attention_torch: q [T, Hq, D],
+    caches [NB, BS, Hkv, D] (fp32 or bf16; any layout, values with unit head_dim stride;
+    fastest as new_kv_cache lays them out) -> [T, Hq, D]."""
+    load()
+    out = torch.ops.asyncengine_cpu.paged_attention(
+        q.float().contiguous(), k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale
+    )  # [T, Hq, D] fp32
+    return out.to(q.dtype)
