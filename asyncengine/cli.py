@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(s, "api.server", "add_serve_args")
     s.set_defaults(func=cmd_serve)
 
-    b = sub.add_parser("bench", help="throughput benchmark (see bench/throughput.py)")
+    b = sub.add_parser("bench", help="offline throughput on random prompts (bench/throughput.py compares with HF)")
     add_engine_args(b)
     _add_optional(b, "asyncengine.benchmark", "add_bench_args")
     b.set_defaults(func=lambda a: __import__("asyncengine.benchmark", fromlist=["run"]).run(a, config_from_args(a)))

@@ -55,7 +55,7 @@ def _cpu_flags() -> str:
 
 
 def _build_key() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(SOURCE.read_bytes() + (SOURCE.parent / "vec16.h").read_bytes())
     for part in (torch.__version__, " ".join(CXXFLAGS), _cpu_flags()):
         h.update(part.encode())
     return h.hexdigest()[:16]
