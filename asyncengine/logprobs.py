@@ -31,7 +31,8 @@ def row_max_sum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m = x.amax(dim=-1, keepdim=True)  # exact, order-free
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     pad = -vocab % _CHUNK
-    e = torch.exp(torch.nn.functional.pad(x - m, (0, pad), value=float("-inf")))  # [R, Vp]
+    shifted = torch.nn.functional.pad(x - m, (0, pad), value=float("-inf")) if pad else x - m
+    e = shifted.exp_()  # [R, Vp], in place on the new buffer
     partial = e.view(-1, _CHUNK).sum(dim=-1).view(rows, -1)  # [R, Vp / CHUNK]
     return m, torch.cumsum(partial, dim=-1)[:, -1:]  # sequential, in chunk order
 
@@ -59,6 +60,9 @@ def apply_penalties(
     then frequency and presence (OpenAI/vLLM): z - freq * count - presence * (count > 0)
     over output tokens.
     """
+    if not any(sp.repetition_penalty != 1.0 or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
+               for sp in params):
+        return logits  # nothing to change (callers never write into the result)
     out = logits.clone()
     for r, sp in enumerate(params):
         z = out[r]  # [V]
@@ -147,9 +151,14 @@ def _ranked(z: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, ids[order]
 
 
+def restrict(scaled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """z' restricted to the support S: -inf outside. [R, V]"""
+    return scaled.masked_fill(~mask, float("-inf"))
+
+
 def processed_log_probs(scaled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[R, V] log p over the support (-inf outside): log_softmax(z' restricted to S)."""
-    return row_log_softmax(scaled.masked_fill(~mask, float("-inf")))
+    return row_log_softmax(restrict(scaled, mask))
 
 
 def raw_log_probs(logits: torch.Tensor) -> torch.Tensor:

@@ -16,20 +16,30 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
     )
     scaled = L.apply_temperature(penalized, params)  # [R, V]
     mask = L.support_mask(scaled, params)  # [R, V]
-    processed = L.processed_log_probs(scaled, mask)  # [R, V]
+    # z' on the support; when no row filters, z' itself (masked_fill of nothing is a copy).
+    filters = any(p.top_k_active or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
+    restricted = L.restrict(scaled, mask) if filters else scaled  # [R, V]
+    # processed_log_probs = restricted - lse, row by row below: only the rows and entries
+    # that are read get materialized, with the same bits.
+    lse = L.row_logsumexp(restricted)  # [R]
     need_raw = any(p.logprobs_mode == "raw" or p.return_raw_logprob for p in params)
     raw = L.raw_log_probs(logits) if need_raw else None
     kept = L.log_kept_mass(scaled, mask) if any(p.return_log_kept_mass for p in params) else None
+    greedy_tokens = torch.argmax(scaled, dim=-1).tolist()  # first maximum = lowest id
 
     results = []
     for r, req in enumerate(requests):
         sp = req.params
+        processed_row = restricted[r] - lse[r] if not sp.greedy or sp.logprobs is not None else None
         if sp.greedy:
-            token = int(torch.argmax(scaled[r]).item())  # first maximum = lowest id
+            token = greedy_tokens[r]
         else:
-            token = L.sample_from(processed[r], L.uniform(req.seed, req.num_output_tokens))
-        mode_row = raw[r] if sp.logprobs_mode == "raw" and raw is not None else processed[r]
-        res = SampleResult(token_id=token, logprob=float(mode_row[token].item()))
+            token = L.sample_from(processed_row, L.uniform(req.seed, req.num_output_tokens))
+        if sp.logprobs_mode == "raw" and raw is not None:
+            mode_row, logprob = raw[r], float(raw[r, token].item())
+        else:
+            mode_row, logprob = processed_row, float((restricted[r, token] - lse[r]).item())
+        res = SampleResult(token_id=token, logprob=logprob)
         if sp.logprobs is not None:
             res.top_logprobs = L.top_n(mode_row[None], sp.logprobs)[0]
         if sp.return_raw_logprob and raw is not None:
