@@ -20,13 +20,15 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from asyncengine.config import EngineConfig, ModelInfo
 from asyncengine.engine_core import EngineCore, EngineOverloadedError
-from asyncengine.models.weights import WeightLoadError
+from asyncengine.async_streams import (
+    PauseMode, RequestStream, StreamItem, _Add, _Command, _Pause, _post_all, _resolve,
+)
+from asyncengine.models.weights import read_weight_source
 from asyncengine.outputs import RequestOutput
 from asyncengine.sampling_params import InvalidRequestError, SamplingParams
 
@@ -35,9 +37,6 @@ T = TypeVar("T")
 Prompt = str | list[int]
 # Called on the engine thread after each step: (seconds, new tokens, requests with output).
 StepObserver = Callable[[float, int, int], None]
-# What the engine thread hands to a stream: a delta, or the error that ends it.
-_Item = RequestOutput | BaseException
-PauseMode = Literal["keep", "abort", "wait"]
 UpdateMode = Literal["keep", "recompute", "abort"]
 # What update_weights takes: a state dict, a safetensors file or directory, or safetensors bytes.
 WeightSource = Mapping[str, Any] | str | Path | bytes
@@ -45,69 +44,6 @@ WeightSource = Mapping[str, Any] | str | Path | bytes
 
 class EngineDeadError(RuntimeError):
     """The engine thread stopped (a fatal error in step(), or shutdown)."""
-
-
-@dataclass(slots=True)
-class _Command:
-    # The handler's name in AsyncEngine.handlers.
-    kind: str
-    # The handler's argument.
-    payload: Any = None
-    # Where the handler's result or exception goes (None: fire and forget).
-    loop: asyncio.AbstractEventLoop | None = None
-    future: asyncio.Future[Any] | None = None
-
-
-@dataclass(slots=True)
-class _Pause:
-    mode: PauseMode
-    # mode "wait": settled once the in-flight requests have finished.
-    loop: asyncio.AbstractEventLoop | None = None
-    drained: asyncio.Future[None] | None = None
-
-
-@dataclass(slots=True)
-class _Add:
-    stream: RequestStream
-    prompt_token_ids: list[int]
-    params: SamplingParams
-
-
-class RequestStream:
-    """The outputs of one request, in order; iterate it once.
-
-    Leaving the iteration early (break, cancellation, aclose) aborts the request.
-    """
-
-    def __init__(self, engine: AsyncEngine, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.engine = engine
-        self.request_id = request_id
-        self.loop = loop
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self.finished = False
-
-    def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[RequestOutput]:
-        """Steps: 1. wait for the next item; 2. raise it if it is an error; 3. yield the
-        delta; 4. stop after the finished one; 5. if the consumer left early, abort."""
-        try:
-            while not self.finished:
-                item = await self.queue.get()
-                if isinstance(item, BaseException):
-                    self.finished = True
-                    raise item
-                self.finished = item.finished
-                yield item
-        finally:
-            self.abort()
-
-    def abort(self) -> None:
-        """Abort the request if it has not finished (idempotent, never blocks)."""
-        if not self.finished:
-            self.finished = True
-            self.engine.abort(self.request_id)
 
 
 class AsyncEngine:
@@ -255,7 +191,7 @@ class AsyncEngine:
         """
         if load_format not in ("hf", "auto"):
             raise InvalidRequestError(f"load_format must be 'hf' (HF tensor names), got {load_format!r}", "load_format")
-        state = weights if isinstance(weights, Mapping) else await asyncio.to_thread(_read_weights, weights)
+        state = weights if isinstance(weights, Mapping) else await asyncio.to_thread(read_weight_source, weights)
         return int(await self.submit("update_weights", (state, mode)))
 
     async def weight_checksums(self) -> dict[str, str]:
@@ -415,7 +351,7 @@ class AsyncEngine:
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
         """Hand outputs to their streams (a finished request's stream is forgotten)."""
-        items: list[tuple[RequestStream, _Item]] = []
+        items: list[tuple[RequestStream, StreamItem]] = []
         for out in outs:
             stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
             if stream is not None:
@@ -437,56 +373,3 @@ class AsyncEngine:
         for w in waiters:
             if w.drained is not None and w.loop is not None:
                 _resolve(_Command("pause", None, w.loop, w.drained), None, err)
-
-
-def _read_weights(source: str | Path | bytes) -> dict[str, Any]:
-    """Tensors of safetensors bytes, file or directory (runs on a worker thread)."""
-    if isinstance(source, bytes):
-        from safetensors import SafetensorError
-        from safetensors.torch import load
-
-        try:
-            return load(source)
-        except SafetensorError as exc:
-            raise WeightLoadError(f"not a safetensors body: {exc}") from exc
-    from asyncengine.models.weights import read_safetensors
-
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"no such weights file or directory: {path}")
-    return read_safetensors(path)
-
-
-def _post_all(items: list[tuple[RequestStream, _Item]]) -> list[RequestStream]:
-    """One call_soon_threadsafe per event loop; returns the streams whose loop is closed."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, _Item]]] = {}
-    for stream, item in items:
-        by_loop.setdefault(stream.loop, []).append((stream, item))
-    orphans = []
-    for loop, batch in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_dispatch, batch)
-        except RuntimeError:  # the loop is closed
-            orphans += [s for s, _ in batch]
-    return orphans
-
-
-def _dispatch(batch: list[tuple[RequestStream, _Item]]) -> None:
-    for stream, item in batch:
-        stream.queue.put_nowait(item)
-
-
-def _resolve(cmd: _Command, result: Any, exc: BaseException | None) -> None:
-    """Settle the command's future on its loop (unless the caller gave up meanwhile)."""
-    fut, loop = cmd.future, cmd.loop
-    if fut is None or loop is None:
-        return
-
-    def settle() -> None:
-        if not fut.done():
-            fut.set_exception(exc) if exc is not None else fut.set_result(result)
-
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop is closed
-        pass

@@ -40,6 +40,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Bitwise batch/chunk/cache invariance (the contract); False allows faster paths.
     deterministic: bool = True
+    # Rows per GEMM call in deterministic mode (models/llama.py): every linear layer runs
+    # in calls of exactly this many rows, the last zero-padded, so a row's bits do not
+    # depend on the batch. Larger tiles run big batches faster and small ones slower.
+    gemm_tile_rows: int = 64
     # Which implementation of the hot ops runs: auto = Triton on CUDA; on CPU the compiled
     # CPU attention op (kernels/attention_cpu.py) with torch for the rest, or plain torch
     # if that op cannot be built here.
@@ -66,6 +70,8 @@ class EngineConfig:
             raise ConfigError("kv_cache_memory_gb must be positive")
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be at least 1")
+        if not 1 <= self.gemm_tile_rows <= 4096:
+            raise ConfigError(f"gemm_tile_rows must be in [1, 4096], got {self.gemm_tile_rows}")
         if self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_batched_tokens must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 2:

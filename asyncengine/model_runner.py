@@ -34,6 +34,7 @@ def load_model(model_dir: Path, config: EngineConfig) -> tuple[LlamaModel, objec
         DTYPES[config.head_dtype],
         config.deterministic,
         config.device,
+        config.gemm_tile_rows,
     )
     load_weights(model, read_safetensors(model_dir))
     return model, hf_config

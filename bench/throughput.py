@@ -97,8 +97,7 @@ def main() -> None:
     print(f"model {model_dir}  threads {torch.get_num_threads()}  deterministic {not a.non_deterministic}")
     for dtype_name in a.dtypes.split(","):
         llm = LLM(model=str(model_dir), dtype=dtype_name, deterministic=not a.non_deterministic)
-        params = sum(t.numel() for t in [llm.engine.model.embed] + [
-            w for layer in llm.engine.model.layers for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)])
+        params = sum(t.numel() for t in llm.engine.model.gemm_weights())
         gflops = matmul_gflops(DTYPES[dtype_name])
         print(f"\n[{dtype_name}] matmul 2048^3: {gflops:.1f} GFLOP/s; {params / 1e6:.1f} M matmul parameters")
         for name, (prompts, new) in workloads(a.scale, llm.engine.model_info.vocab_size).items():

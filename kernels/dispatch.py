@@ -40,7 +40,16 @@ class KernelOps:
     # (num_blocks, block_size, Hkv, D, dtype, device) -> zeroed (k_cache, v_cache), both
     # seen as [NB, BS, Hkv, D]; each backend stores them in the layout it reads fastest.
     new_kv_cache: Callable[..., tuple[torch.Tensor, torch.Tensor]] = contiguous_kv_cache
+    # Fused ops (OPTIONAL_FUSED) where a backend has them; else the model composes the ops above.
+    # gate_up [T, 2I] -> silu(gate) * up [T, I], exact silu (row-invariant).
+    silu_mul: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # (q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping) -> rotated q, fp32
+    # [T, Hq, D]; stores the rotated k and v (apply_rope + store_kv in one pass).
+    rope_store_kv: Callable[..., torch.Tensor] | None = None
 
+
+# KernelOps fields a backend may leave None.
+OPTIONAL_FUSED = ("silu_mul", "rope_store_kv")
 
 TORCH_OPS = KernelOps(
     name="torch",
@@ -52,10 +61,13 @@ TORCH_OPS = KernelOps(
     support_mask=support_mask_torch,
     new_kv_cache=head_major_kv_cache,
 )
-# The torch ops with the compiled CPU attention (no gather, no padding: the CPU engine's
-# fast path, batch-invariant by construction like the torch one).
+# The torch ops with the compiled CPU ops (attention with no gather and no padding, and
+# the fused per-layer ops): the CPU engine's fast path, batch-invariant by construction
+# like the torch one.
 CPU_OPS = replace(TORCH_OPS, name="cpu", paged_attention=attention_cpu.paged_attention_cpu,
-                  store_kv=attention_cpu.store_kv_cpu, new_kv_cache=attention_cpu.new_kv_cache)
+                  store_kv=attention_cpu.store_kv_cpu, new_kv_cache=attention_cpu.new_kv_cache,
+                  rms_norm=attention_cpu.rms_norm_cpu, silu_mul=attention_cpu.silu_mul_cpu,
+                  rope_store_kv=attention_cpu.rope_store_kv_cpu)
 
 
 def triton_available() -> bool:

@@ -5,6 +5,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -99,6 +100,7 @@ def load_weights(model: LlamaModel, state: Mapping[str, torch.Tensor], *, partia
             for t in targets[name]:
                 view = t.tensor if t.rows is None else t.tensor[t.rows]
                 view.copy_(state[name])
+    model.repack()
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -124,3 +126,18 @@ def weight_checksums(model: LlamaModel) -> dict[str, str]:
         out[name] = hashlib.sha256(view.view(torch.uint8).numpy().tobytes()).hexdigest()
     return out
 
+
+def read_weight_source(source: str | Path | bytes) -> dict[str, Any]:
+    """Tensors of safetensors bytes, file or directory (runs on a worker thread)."""
+    if isinstance(source, bytes):
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            return load(source)
+        except SafetensorError as exc:
+            raise WeightLoadError(f"not a safetensors body: {exc}") from exc
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no such weights file or directory: {path}")
+    return read_safetensors(path)

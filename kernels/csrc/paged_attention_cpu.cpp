@@ -110,11 +110,17 @@ struct Worker {
         ld = kLanes;
       }
       // Rows are in token order, so the rows whose keys reach this chunk are a suffix.
-      // Two at a time share each key load; a row's own operations are the same alone.
+      // Up to four at a time share each key load (a decode's G rows in one pass); a
+      // row's own operations are the same however many share the pass.
       int64_t r = 0;
       while (r < rows && first_pos + r / P.group < c0) ++r;
-      for (; r + 1 < rows; r += 2) score_chunk<2>(it, r, kd, ld, first_pos, c0, width);
-      if (r < rows) score_chunk<1>(it, r, kd, ld, first_pos, c0, width);
+      for (; r + 3 < rows; r += 4) score_chunk<4>(it, r, kd, ld, first_pos, c0, width);
+      switch (rows - r) {
+        case 3: score_chunk<3>(it, r, kd, ld, first_pos, c0, width); break;
+        case 2: score_chunk<2>(it, r, kd, ld, first_pos, c0, width); break;
+        case 1: score_chunk<1>(it, r, kd, ld, first_pos, c0, width); break;
+        default: break;
+      }
     }
   }
 

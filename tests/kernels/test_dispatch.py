@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels import attention_cpu
-from kernels.dispatch import CPU_OPS, TORCH_OPS, KernelOps, get_ops
+from kernels.dispatch import CPU_OPS, OPTIONAL_FUSED, TORCH_OPS, KernelOps, get_ops
 
 
 def test_torch_on_cpu_picks_torch_and_auto_the_cpu_op() -> None:
@@ -36,9 +36,12 @@ def test_unknown_backend_is_rejected() -> None:
         get_ops("cuda-graphs", "cpu")
 
 
-def test_every_op_is_filled_for_torch() -> None:
+def test_every_op_is_filled_for_torch_and_cpu() -> None:
+    """torch fills every op but the optional fused ones; the compiled CPU backend, all."""
     for field in dataclasses.fields(KernelOps):
-        assert getattr(TORCH_OPS, field.name) is not None
+        assert getattr(CPU_OPS, field.name) is not None, field.name
+        if field.name not in OPTIONAL_FUSED:
+            assert getattr(TORCH_OPS, field.name) is not None, field.name
 
 
 @pytest.mark.usefixtures("need_triton")
@@ -46,7 +49,7 @@ def test_forced_triton_on_cpu_uses_the_interpreted_kernels() -> None:
     ops = get_ops("triton", "cpu")
     assert ops.name == "triton"
     for field in dataclasses.fields(KernelOps):
-        if field.name not in ("name", "new_kv_cache"):  # the cache allocator is no kernel
+        if field.name not in ("name", "new_kv_cache", *OPTIONAL_FUSED):  # the cache allocator is no kernel
             assert getattr(ops, field.name).__name__.endswith("_triton"), field.name
     x, w = torch.randn(3, 64), torch.randn(64)
     torch.testing.assert_close(ops.rms_norm(x, w, 1e-6)[0], TORCH_OPS.rms_norm(x, w, 1e-6)[0])

@@ -1,0 +1,96 @@
+"""The compiled CPU fused ops (kernels/csrc/fused_ops_cpu.cpp) against their torch references.
+
+RoPE + KV store rounds exactly as the torch path does (bitwise equal); RMSNorm sums its
+squares in another order (within 1 ulp-scale tolerance) and SiLU uses our own exp (within
+a few ulp). All three must be row-invariant bitwise: a row alone, among others, on 1 or
+2 threads.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asyncengine.models.llama import silu_mul
+from kernels.attention_cpu import new_kv_cache, rms_norm_cpu, rope_store_kv_cpu, silu_mul_cpu, store_kv_cpu
+from kernels.rmsnorm import rms_norm_torch
+from kernels.rope import apply_rope_torch, rope_cos_sin
+from tests.invariance_harness import num_threads
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _rows_invariant(op, x: torch.Tensor) -> bool:  # type: ignore[no-untyped-def]
+    """op(x[:m]) row by row equals each row computed alone, for several m and threads."""
+    alone = torch.cat([op(x[i : i + 1]) for i in range(x.shape[0])])
+    for threads in (1, 2):
+        with num_threads(threads):
+            for m in (1, 2, 7, 16, 33, x.shape[0]):
+                if not torch.equal(op(x[:m]), alone[:m]):
+                    return False
+    return True
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 100, 576])
+def test_rms_norm_matches_torch_and_is_row_invariant(hidden: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(hidden)
+    x = (torch.randn(70, hidden, generator=g) * 3).to(dtype)
+    r = torch.randn(70, hidden, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    for residual in (None, r):
+        y, new_r = rms_norm_cpu(x, w, 1e-5, residual)
+        want_y, want_r = rms_norm_torch(x, w, 1e-5, None if residual is None else residual.clone())
+        tol = {"rtol": 2e-6, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 8e-3}
+        torch.testing.assert_close(y, want_y, **tol)
+        if residual is None:
+            assert new_r is None
+        else:
+            assert torch.equal(new_r, want_r)  # the add is one rounding either way
+    xr = torch.cat([x, r], dim=1)
+    assert _rows_invariant(lambda t: torch.cat(rms_norm_cpu(t[:, :hidden], w, 1e-5, t[:, hidden:]), dim=1), xr)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [40, 1536])
+def test_silu_mul_matches_exact_silu_and_is_row_invariant(inter: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(inter)
+    x = torch.randn(50, 2 * inter, generator=g) * 6
+    x[0, :4] = torch.tensor([0.0, -0.0, 100.0, -100.0])  # zeros and far tails stay finite
+    x = x.to(dtype)
+    got = silu_mul_cpu(x)
+    want = silu_mul(x.double(), exact=True).to(dtype)  # float64 reference, rounded once
+    tol = {"rtol": 3e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-5}
+    torch.testing.assert_close(got, want, **tol)
+    assert torch.isfinite(got).all()
+    assert _rows_invariant(silu_mul_cpu, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_store_kv_equals_torch_rope_then_store(dtype: torch.dtype) -> None:
+    """Bitwise: the fused pass rounds like apply_rope_torch + store_kv, into the CPU
+    cache layout, from strided slices of a fused qkv tensor."""
+    g = torch.Generator().manual_seed(3)
+    t, hq, hkv, d, nb, bs = 21, 6, 2, 64, 8, 16
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = q.reshape(t, hq, d), k.reshape(t, hkv, d), v.reshape(t, hkv, d)
+    positions = torch.randint(0, 500, (t,), generator=g)
+    slots = torch.randperm(nb * bs, generator=g)[:t]
+    cos_sin = rope_cos_sin(1.0 / 10000 ** (torch.arange(0, d, 2).float() / d), 1.0, 512)
+    kc, vc = new_kv_cache(nb, bs, hkv, d, dtype)
+    kc2, vc2 = new_kv_cache(nb, bs, hkv, d, dtype)
+    qf = rope_store_kv_cpu(q, k, v, positions, cos_sin, kc, vc, slots)
+    want_q, want_k = apply_rope_torch(q, k, positions, cos_sin)
+    store_kv_cpu(want_k, v, kc2, vc2, slots)
+    assert qf.dtype == torch.float32 and torch.equal(qf, want_q.float())
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+def test_rope_store_kv_rejects_out_of_range_slots() -> None:
+    q, k = torch.zeros(2, 2, 16), torch.zeros(2, 1, 16)
+    kc, vc = new_kv_cache(2, 16, 1, 16, torch.float32)
+    cos_sin = torch.zeros(8, 16)
+    with pytest.raises(RuntimeError, match="out of range"):
+        rope_store_kv_cpu(q, k, k, torch.tensor([0, 1]), cos_sin, kc, vc, torch.tensor([0, 32]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        rope_store_kv_cpu(q, k, k, torch.tensor([0, 8]), cos_sin, kc, vc, torch.tensor([0, 1]))
