@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "vec16.h"
 
@@ -59,8 +61,13 @@ void rms_norm_rows(const T* x, const T* res, const T* w, T* y, T* new_res, int64
         xr = nr;
       }
       V16 acc = vzero();
-      for (int64_t j = 0; j < h; j += kLanes) {
-        const V16 v = load_n(xr + j, std::min<int64_t>(kLanes, h - j));
+      int64_t j = 0;
+      for (; j + kLanes <= h; j += kLanes) {
+        const V16 v = load16(xr + j);
+        acc = vfma(v, v, acc);
+      }
+      if (j < h) {  // the tail: zero lanes add +0 to each lane's sum
+        const V16 v = load_n(xr + j, h - j);
         acc = vfma(v, v, acc);
       }
       const float inv = 1.0f / std::sqrt(hsum(acc) / static_cast<float>(h) + eps);
@@ -101,15 +108,15 @@ inline V16 vsilu(V16 g) {
   const V16 neg_abs = vmul(vsplat(-1.0f), vmax(g, vmul(vsplat(-1.0f), g)));
   const V16 e = vexp(neg_abs);
   const V16 den = vadd(vsplat(1.0f), e);
-  const V16 pos = vdiv(g, den), neg = vdiv(vmul(g, e), den);
+  const V16 ge = vmul(g, e);  // the numerator for g < 0; one division serves both signs
 #if defined(__AVX512F__)
   const __mmask16 m = _mm512_cmp_ps_mask(g.v, _mm512_setzero_ps(), _CMP_GE_OQ);
-  return {_mm512_mask_blend_ps(m, neg.v, pos.v)};
+  const V16 num{_mm512_mask_blend_ps(m, ge.v, g.v)};
 #else
-  V16 out;
-  for (int i = 0; i < kLanes; ++i) out.v[i] = g.v[i] >= 0.0f ? pos.v[i] : neg.v[i];
-  return out;
+  V16 num;
+  for (int i = 0; i < kLanes; ++i) num.v[i] = g.v[i] >= 0.0f ? g.v[i] : ge.v[i];
 #endif
+  return vdiv(num, den);
 }
 
 template <typename T>
@@ -121,9 +128,16 @@ void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t inter) {
       T* o = out + r * inter;
       for (int64_t j = 0; j < inter; j += kLanes) {
         const int64_t n = std::min<int64_t>(kLanes, inter - j);
-        float s[kLanes];
-        vstore(s, vsilu(load_n(g + j, n)));
-        for (int64_t i = 0; i < n; ++i) o[j + i] = static_cast<T>(rnd<T>(s[i]) * static_cast<float>(u[j + i]));
+        const V16 s = vsilu(n == kLanes ? load16(g + j) : load_n(g + j, n));
+        if constexpr (std::is_same_v<T, float>) {
+          if (n == kLanes) {  // fp32: silu(g) * u needs no intermediate rounding
+            vstore(o + j, vmul(s, vload(u + j)));
+            continue;
+          }
+        }
+        float sv[kLanes];
+        vstore(sv, s);
+        for (int64_t i = 0; i < n; ++i) o[j + i] = static_cast<T>(rnd<T>(sv[i]) * static_cast<float>(u[j + i]));
       }
     }
   });
