@@ -179,7 +179,8 @@ def test_add_request_validation(llama_dir: Path) -> None:
 
 
 def test_config_validation() -> None:
-    for kw in ({"dtype": "float16"}, {"block_size": 12}, {"max_num_seqs": 0}, {"kernel_backend": "cuda"}):
+    for kw in ({"dtype": "float16"}, {"block_size": 12}, {"max_num_seqs": 0}, {"kernel_backend": "cuda"},
+               {"gemm_tile_rows": 0}, {"gemm_tile_rows": 5000}):
         with pytest.raises(ConfigError):
             EngineConfig(**kw)  # type: ignore[arg-type]
 
