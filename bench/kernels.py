@@ -1,10 +1,11 @@
 """Time each kernel op at engine-like shapes (SmolLM2-135M: hidden 576, 9 query heads,
 3 KV heads, head dim 64, KV block 16, vocab 49152).
 
-CPU: the torch references (the CPU engine's production path). CUDA (when a device
-exists): the Triton kernels vs the torch references on the same inputs. The Triton
-interpreter is a correctness tool, so it is never timed; without a CUDA device this
-prints that instead of a figure.
+Each op's torch reference against the implementation the engine runs on this device, on
+the same inputs: on CUDA the Triton kernels; on CPU the compiled ops of kernels/csrc
+(paged attention, RMSNorm, SiLU*up, RoPE + KV store; the sampling ops run torch there).
+The Triton interpreter is a correctness tool, so it is never timed; without a CUDA device
+this prints that instead of a figure.
 
     python bench/kernels.py [--repeats 20] [--threads N]
 """
@@ -22,13 +23,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
-from kernels import attention, kv_store, rmsnorm, rope, sampling  # noqa: E402
+from asyncengine.models.llama import silu_mul  # noqa: E402
+from kernels import attention, attention_cpu, kv_store, rmsnorm, rope, sampling  # noqa: E402
 from kernels.attention import AttentionMetadata  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, BLOCK, VOCAB = 576, 9, 3, 64, 16, 49152
 DECODE_BATCH, DECODE_CONTEXT, PREFILL_CHUNK = 64, 512, 512
 
-Case = tuple[str, str, Callable[[], object], Callable[[], object] | None]  # op, shape, torch, triton
+# op, shape, torch reference, the engine's implementation here (None: torch is it)
+Case = tuple[str, str, Callable[[], object], Callable[[], object] | None]
 
 
 def _time_ms(fn: Callable[[], object], repeats: int, cuda: bool) -> tuple[float, float]:
@@ -73,9 +76,10 @@ def _attention_batch(specs: list[tuple[int, int]], device: torch.device, dtype: 
     return q, k_cache, v_cache, meta
 
 
-def _cases(device: torch.device, dtype: torch.dtype, triton_ok: bool) -> list[Case]:
-    def pick(fn: Callable[[], object]) -> Callable[[], object] | None:
-        return fn if triton_ok else None
+def _cases(device: torch.device, dtype: torch.dtype, triton_ok: bool, cpu_ok: bool) -> list[Case]:
+    def pick(triton_fn: Callable[[], object] | None, cpu_fn: Callable[[], object] | None = None
+             ) -> Callable[[], object] | None:
+        return triton_fn if triton_ok else cpu_fn if cpu_ok else None
 
     def t(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=device, dtype=dtype)
@@ -86,19 +90,29 @@ def _cases(device: torch.device, dtype: torch.dtype, triton_ok: bool) -> list[Ca
     for tokens, label in shapes:
         x, res = t(tokens, HIDDEN), t(tokens, HIDDEN)
         cases.append(("rms_norm+residual", label, lambda x=x, r=res: rmsnorm.rms_norm_torch(x, w, 1e-5, r),
-                      pick(lambda x=x, r=res: rmsnorm.rms_norm_triton(x, w, 1e-5, r))))
+                      pick(lambda x=x, r=res: rmsnorm.rms_norm_triton(x, w, 1e-5, r),
+                           lambda x=x, r=res: attention_cpu.rms_norm_cpu(x, w, 1e-5, r))))
         qkv = t(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
         q = qkv[:, : HEADS * HEAD_DIM].view(tokens, HEADS, HEAD_DIM)
         k = qkv[:, HEADS * HEAD_DIM : (HEADS + KV_HEADS) * HEAD_DIM].view(tokens, KV_HEADS, HEAD_DIM)
         pos = torch.randint(0, 2048, (tokens,), device=device)
         inv_freq = 1.0 / (100000.0 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
         cos_sin = rope.rope_cos_sin(inv_freq, 1.0, 2048).to(device)
-        cases.append(("rope", label, lambda q=q, k=k, p=pos: rope.apply_rope_torch(q, k, p, cos_sin),
-                      pick(lambda q=q, k=k, p=pos: rope.apply_rope_triton(q, k, p, cos_sin))))
         kc, vc = t(2048, BLOCK, KV_HEADS, HEAD_DIM), t(2048, BLOCK, KV_HEADS, HEAD_DIM)
         slots = torch.randperm(2048 * BLOCK, device=device)[:tokens]
-        cases.append(("store_kv", label, lambda k=k, s=slots: kv_store.store_kv_torch(k, k, kc, vc, s),
-                      pick(lambda k=k, s=slots: kv_store.store_kv_triton(k, k, kc, vc, s))))
+
+        def rope_store_torch(q=q, k=k, p=pos, s=slots) -> None:  # type: ignore[no-untyped-def]
+            kv_store.store_kv_torch(rope.apply_rope_torch(q, k, p, cos_sin)[1], k, kc, vc, s)
+
+        def rope_store_triton(q=q, k=k, p=pos, s=slots) -> None:  # type: ignore[no-untyped-def]
+            kv_store.store_kv_triton(rope.apply_rope_triton(q, k, p, cos_sin)[1], k, kc, vc, s)
+
+        cases.append(("rope+store_kv", label, rope_store_torch,
+                      pick(rope_store_triton, lambda q=q, k=k, p=pos, s=slots: attention_cpu.rope_store_kv_cpu(
+                          q, k, k, p, cos_sin, kc, vc, s))))
+        gate_up = t(tokens, 2 * 1536)
+        cases.append(("silu*up (exact)", label, lambda g=gate_up: silu_mul(g, exact=True),
+                      pick(None, lambda g=gate_up: attention_cpu.silu_mul_cpu(g))))
     return cases + _attention_cases(device, dtype, pick) + _sampling_cases(device, pick)
 
 
@@ -114,12 +128,13 @@ def _attention_cases(device: torch.device, dtype: torch.dtype, pick: Callable) -
         q, kc, vc, meta = _attention_batch(specs, device, dtype)
         args = (q, kc, vc, meta, HEAD_DIM**-0.5)
         cases.append(("paged_attention", label, lambda a=args: attention.paged_attention_torch(*a),
-                      pick(lambda a=args: attention.paged_attention_triton(*a))))
+                      pick(lambda a=args: attention.paged_attention_triton(*a),
+                           lambda a=args: attention_cpu.paged_attention_cpu(*a))))
     return cases
 
 
 def _sampling_cases(device: torch.device, pick: Callable) -> list[Case]:
-    rows = DECODE_BATCH
+    rows = DECODE_BATCH  # no compiled CPU sampling ops: pick(triton) only
     z = torch.randn(rows, VOCAB, device=device) * 3  # logits are fp32 whatever the model dtype
     ids = torch.randint(0, VOCAB, (rows,), device=device)
     top_k = torch.full((rows,), 50, device=device)
@@ -129,11 +144,11 @@ def _sampling_cases(device: torch.device, pick: Callable) -> list[Case]:
     label = f"{rows} rows x vocab {VOCAB}"
     return [
         ("log_softmax+top20", label + ", raw", lambda: sampling.log_softmax_topn_torch(z, ids, 20),
-         pick(lambda: sampling.log_softmax_topn_triton(z, ids, 20))),
+         pick(lambda: sampling.log_softmax_topn_triton(z, ids, 20), None)),
         ("log_softmax+top20", label + ", masked", lambda: sampling.log_softmax_topn_torch(z, ids, 20, mask),
-         pick(lambda: sampling.log_softmax_topn_triton(z, ids, 20, mask))),
+         pick(lambda: sampling.log_softmax_topn_triton(z, ids, 20, mask), None)),
         ("support_mask k50 p0.9", label, lambda: sampling.support_mask_torch(z, top_k, top_p, min_p),
-         pick(lambda: sampling.support_mask_triton(z, top_k, top_p, min_p))),
+         pick(lambda: sampling.support_mask_triton(z, top_k, top_p, min_p), None)),
     ]
 
 
@@ -154,16 +169,18 @@ def main() -> None:
     if load > cores / 2:  # multi-threaded torch ops stall when their threads get descheduled
         print(f"warning: load average {load:.1f} on {cores} cores; other work competes for the "
               "CPU and these figures overstate the cost (try --threads 1)")
+    cpu_ok = not cuda and attention_cpu.available()
+    fast = "triton" if triton_ok else "cpu op"
     if not cuda:
         print("No CUDA device exists on this machine: Triton kernels are not timed here "
               "(they are verified under TRITON_INTERPRET=1 in tests/kernels; the interpreter "
-              "is not a speed measure). Torch references on CPU, fp32:")
+              "is not a speed measure). CPU, fp32: torch references vs the compiled CPU ops:")
     dtype = torch.bfloat16 if cuda else torch.float32
     header = f"{'op':<24}{'shape':<40}{'torch ms (median / min)':>24}"
-    header += f"{'triton ms (median / min)':>26}{'speedup':>9}" if triton_ok else ""
+    header += f"{fast + ' ms (median / min)':>26}{'speedup':>9}" if triton_ok or cpu_ok else ""
     print(header)
     print("-" * len(header))
-    for op, shape, torch_fn, triton_fn in _cases(device, dtype, triton_ok):
+    for op, shape, torch_fn, triton_fn in _cases(device, dtype, triton_ok, cpu_ok):
         med, best = _time_ms(torch_fn, args.repeats, cuda)
         line = f"{op:<24}{shape:<40}{med:>14.3f} / {best:<7.3f}"
         if triton_fn is not None:
