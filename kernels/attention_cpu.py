@@ -1,6 +1,7 @@
-"""The CPU engine's compiled ops: paged attention (kernels/csrc/paged_attention_cpu.cpp)
-and the fused per-layer ops RMSNorm, SiLU-and-multiply, RoPE + KV store
-(kernels/csrc/fused_ops_cpu.cpp).
+"""The CPU engine's compiled ops: paged attention (kernels/csrc/paged_attention_cpu.cpp),
+the fused per-layer ops RMSNorm, SiLU-and-multiply, RoPE + KV store
+(kernels/csrc/fused_ops_cpu.cpp) and a batch-invariant fp32 linear layer
+(kernels/csrc/gemm_cpu.cpp).
 
 Attention reads keys and values straight from the block table and computes every query
 row by one fixed sequence of operations, so it is batch-invariant by construction and
@@ -33,7 +34,7 @@ from kernels.attention import AttentionMetadata
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "paged_attention_cpu.cpp", CSRC / "fused_ops_cpu.cpp"]
+SOURCES = [CSRC / "paged_attention_cpu.cpp", CSRC / "fused_ops_cpu.cpp", CSRC / "gemm_cpu.cpp"]
 # -ffp-contract=off: only the source's explicit FMAs fuse, so the rounding of every op
 # is fixed by the source, not by what the optimizer happens to contract.
 # -fopenmp: at::parallel_for is inlined from the headers; the libgomp.so.1 it needs is
@@ -207,3 +208,19 @@ def rope_store_kv_cpu(
     reads); the rotated k and v are written into the caches at slot_mapping [T]."""
     load()
     return torch.ops.asyncengine_cpu.rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+
+
+def pack_linear_weight(w: torch.Tensor) -> torch.Tensor | None:
+    """The layout packed_linear_cpu reads ([ceil(N/16), K, 16]) of an fp32 weight [N, K];
+    None for other dtypes (their GEMMs stay with oneDNN/MKL)."""
+    if w.dtype != torch.float32 or w.device.type != "cpu":
+        return None
+    load()
+    return torch.ops.asyncengine_cpu.pack_linear_weight(w)
+
+
+def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """x: [T, K] fp32 @ W^T (+ bias) -> [T, n]: each output element one FMA chain over K in
+    order, so rows are invariant to the batch by construction (no row tiles needed)."""
+    load()
+    return torch.ops.asyncengine_cpu.packed_linear(x.contiguous(), packed, bias, n)

@@ -46,10 +46,14 @@ class KernelOps:
     # (q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping) -> rotated q, fp32
     # [T, Hq, D]; stores the rotated k and v (apply_rope + store_kv in one pass).
     rope_store_kv: Callable[..., torch.Tensor] | None = None
+    # Batch-invariant linear layer: pack_linear(w [N, K]) -> packed (None: this dtype is not
+    # handled), packed_linear(x [T, K], packed, bias, N) -> [T, N].
+    pack_linear: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+    packed_linear: Callable[..., torch.Tensor] | None = None
 
 
 # KernelOps fields a backend may leave None.
-OPTIONAL_FUSED = ("silu_mul", "rope_store_kv")
+OPTIONAL_FUSED = ("silu_mul", "rope_store_kv", "pack_linear", "packed_linear")
 
 TORCH_OPS = KernelOps(
     name="torch",
@@ -67,7 +71,8 @@ TORCH_OPS = KernelOps(
 CPU_OPS = replace(TORCH_OPS, name="cpu", paged_attention=attention_cpu.paged_attention_cpu,
                   store_kv=attention_cpu.store_kv_cpu, new_kv_cache=attention_cpu.new_kv_cache,
                   rms_norm=attention_cpu.rms_norm_cpu, silu_mul=attention_cpu.silu_mul_cpu,
-                  rope_store_kv=attention_cpu.rope_store_kv_cpu)
+                  rope_store_kv=attention_cpu.rope_store_kv_cpu, pack_linear=attention_cpu.pack_linear_weight,
+                  packed_linear=attention_cpu.packed_linear_cpu)
 
 
 def triton_available() -> bool:

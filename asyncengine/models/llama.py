@@ -141,28 +141,36 @@ class LlamaModel:
         # With tied embeddings and the same dtype the head is the embedding itself.
         shared = a.tie_word_embeddings and head_dtype == dtype
         self.lm_head = self.embed if shared else empty(a.vocab_size, a.hidden_size, dt=head_dtype)
-        # id(weight) -> (weight._version when packed, prepack(weight)); see repack().
-        self._packed: dict[int, tuple[int, torch.Tensor]] = {}
+        # id(weight) -> (weight._version when packed, packed copy, whether it is the
+        # backend's own layout rather than oneDNN's); see repack().
+        self._packed: dict[int, tuple[int, torch.Tensor, bool]] = {}
 
     def gemm_weights(self) -> list[torch.Tensor]:
         return [w for layer in self.layers for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)] + [
             self.lm_head]
 
     def repack(self) -> None:
-        """Lay the GEMM weights out for oneDNN once; call after writing weights. A weight
-        written in place since (its version counter moved) falls back to F.linear, so a
-        stale copy is never used."""
+        """Lay the GEMM weights out once, after writing weights: for the backend's own
+        batch-invariant linear where it has one for this dtype (fp32 on the CPU ops), else
+        for oneDNN. A weight written in place since (its version counter moved) falls back
+        to F.linear in row tiles, so a stale copy is never used."""
         self._packed = {}
         for w in self.gemm_weights():
+            own = self.ops.pack_linear(w) if self.ops.pack_linear is not None else None
+            if own is not None:
+                self._packed[id(w)] = (w._version, own, True)
+                continue
             packed = prepack(w)
             if packed is not None:
-                self._packed[id(w)] = (w._version, packed)
+                self._packed[id(w)] = (w._version, packed, False)
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         entry = self._packed.get(id(w))
-        if entry is not None and entry[0] == w._version:
-            return linear(x, w, b, self.tile_rows, entry[1])
-        return linear(x, w, b, self.tile_rows)
+        if entry is None or entry[0] != w._version:
+            return linear(x, w, b, self.tile_rows)
+        if entry[2] and self.ops.packed_linear is not None:  # invariant by construction: no tiles
+            return self.ops.packed_linear(x, entry[1], b, w.shape[0])
+        return linear(x, w, b, self.tile_rows, entry[1])
 
     def forward(
         self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]

@@ -1,4 +1,5 @@
-"""The compiled CPU fused ops (kernels/csrc/fused_ops_cpu.cpp) against their torch references.
+"""The compiled CPU fused ops (kernels/csrc/fused_ops_cpu.cpp) and linear layer
+(kernels/csrc/gemm_cpu.cpp) against their torch references.
 
 RoPE + KV store rounds exactly as the torch path does (bitwise equal); RMSNorm sums its
 squares in another order (within 1 ulp-scale tolerance) and SiLU uses our own exp (within
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 from asyncengine.models.llama import silu_mul
-from kernels.attention_cpu import new_kv_cache, rms_norm_cpu, rope_store_kv_cpu, silu_mul_cpu, store_kv_cpu
+from kernels.attention_cpu import (
+    new_kv_cache, pack_linear_weight, packed_linear_cpu, rms_norm_cpu, rope_store_kv_cpu, silu_mul_cpu, store_kv_cpu,
+)
 from kernels.rmsnorm import rms_norm_torch
 from kernels.rope import apply_rope_torch, rope_cos_sin
 from tests.invariance_harness import num_threads
@@ -94,3 +97,33 @@ def test_rope_store_kv_rejects_out_of_range_slots() -> None:
         rope_store_kv_cpu(q, k, k, torch.tensor([0, 1]), cos_sin, kc, vc, torch.tensor([0, 32]))
     with pytest.raises(RuntimeError, match="out of range"):
         rope_store_kv_cpu(q, k, k, torch.tensor([0, 8]), cos_sin, kc, vc, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("k,n", [(64, 128), (33, 17), (576, 960), (1536, 576), (576, 4000)])
+def test_packed_linear_matches_float64_and_is_row_invariant(k: int, n: int) -> None:
+    """One FMA chain per output element: as accurate as a BLAS sgemm (error scaled by the
+    row's |x| . |w| mass), and bitwise the same row alone, among others, in any tile
+    position, on 1 or 2 threads, with and without bias."""
+    g = torch.Generator().manual_seed(k * n)
+    w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(150, k, generator=g)
+    packed = pack_linear_weight(w)
+    assert packed is not None and packed.shape == (-(-n // 16), k, 16)
+    for bias in (None, b):
+        got = packed_linear_cpu(x, packed, bias, n)
+        want = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+        scale = x.double().abs() @ w.double().abs().t()  # the magnitude rounding acts on
+        assert ((got.double() - want).abs() <= 2e-7 * k**0.5 * scale + 1e-6).all()
+        assert _rows_invariant(lambda t: packed_linear_cpu(t, packed, bias, n), x)
+
+
+def test_packed_linear_rejects_mismatched_shapes_and_other_dtypes() -> None:
+    w = torch.randn(40, 24)
+    packed = pack_linear_weight(w)
+    assert pack_linear_weight(w.bfloat16()) is None  # bf16 stays with oneDNN
+    with pytest.raises(RuntimeError, match="K"):
+        packed_linear_cpu(torch.randn(3, 25), packed, None, 40)
+    with pytest.raises(RuntimeError, match="n does not match"):
+        packed_linear_cpu(torch.randn(3, 24), packed, None, 60)
+    with pytest.raises(RuntimeError, match="bias"):
+        packed_linear_cpu(torch.randn(3, 24), packed, torch.randn(39), 40)
+    assert packed_linear_cpu(torch.randn(0, 24), packed, None, 40).shape == (0, 40)
