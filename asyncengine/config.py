@@ -40,9 +40,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Bitwise batch/chunk/cache invariance (the contract); False allows faster paths.
     deterministic: bool = True
-    # Rows per GEMM call in deterministic mode (models/llama.py): every linear layer runs
-    # in calls of exactly this many rows, the last zero-padded, so a row's bits do not
-    # depend on the batch. Larger tiles run big batches faster and small ones slower.
+    # Rows per BLAS GEMM call in deterministic mode (models/llama.py): linear layers that a
+    # BLAS library runs (bf16; the torch backend) take calls of exactly this many rows, the
+    # last zero-padded, so a row's bits do not depend on the batch. Larger tiles run big
+    # batches faster and small ones slower. (The CPU backend's own fp32 GEMM needs none.)
     gemm_tile_rows: int = 64
     # Which implementation of the hot ops runs: auto = Triton on CUDA; on CPU the compiled
     # CPU attention op (kernels/attention_cpu.py) with torch for the rest, or plain torch

@@ -16,10 +16,11 @@ from kernels.attention import AttentionMetadata
 from kernels.dispatch import KernelOps
 from kernels.rope import rope_cos_sin
 
-# Rows per GEMM call in deterministic mode (EngineConfig.gemm_tile_rows). BLAS libraries
-# choose kernels, blockings and thread splits by the row count M, and some of those round
-# a row differently (measured: MKL below 12 rows; oneDNN bf16 on AMX past ~40 rows);
-# calls of one fixed shape run every row through the same code whatever the batch.
+# Rows per BLAS GEMM call in deterministic mode (EngineConfig.gemm_tile_rows). BLAS
+# libraries choose kernels, blockings and thread splits by the row count M, and some of
+# those round a row differently (measured: MKL below 12 rows; oneDNN bf16 on AMX past ~40
+# rows); calls of one fixed shape run every row through the same code whatever the batch.
+# The CPU backend's own fp32 GEMM (ops.packed_linear) is invariant without tiles.
 DEFAULT_GEMM_TILE_ROWS = 64
 
 
