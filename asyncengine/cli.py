@@ -25,7 +25,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--non-deterministic", action="store_true", help="allow faster batch-dependent paths")
     p.add_argument("--gemm-tile-rows", type=int, default=d.gemm_tile_rows,
-                   help="rows per GEMM call in deterministic mode (default %(default)s)")
+                   help="rows per BLAS GEMM call in deterministic mode: bf16, torch backend (default %(default)s)")
     p.add_argument("--kernel-backend", default=d.kernel_backend, choices=["auto", "cpu", "torch", "triton"])
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=d.seed)

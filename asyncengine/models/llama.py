@@ -6,6 +6,7 @@ of a whole step ([T]) and explicit AttentionMetadata; there is no global context
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -142,9 +143,9 @@ class LlamaModel:
         # With tied embeddings and the same dtype the head is the embedding itself.
         shared = a.tie_word_embeddings and head_dtype == dtype
         self.lm_head = self.embed if shared else empty(a.vocab_size, a.hidden_size, dt=head_dtype)
-        # id(weight) -> (weight._version when packed, packed copy, whether it is the
-        # backend's own layout rather than oneDNN's); see repack().
-        self._packed: dict[int, tuple[int, torch.Tensor, bool]] = {}
+        # id(weight) -> (weight._version when packed, x, bias -> x @ weight^T + bias on the
+        # packed copy); see repack().
+        self._packed: dict[int, tuple[int, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]]] = {}
 
     def gemm_weights(self) -> list[torch.Tensor]:
         return [w for layer in self.layers for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)] + [
@@ -152,26 +153,27 @@ class LlamaModel:
 
     def repack(self) -> None:
         """Lay the GEMM weights out once, after writing weights: for the backend's own
-        batch-invariant linear where it has one for this dtype (fp32 on the CPU ops), else
-        for oneDNN. A weight written in place since (its version counter moved) falls back
-        to F.linear in row tiles, so a stale copy is never used."""
+        batch-invariant linear where it has one for this dtype (fp32 on the CPU ops: no
+        row tiles needed), else for oneDNN (in row tiles). A weight written in place since
+        (its version counter moved) falls back to F.linear in row tiles, so a stale copy
+        is never used."""
         self._packed = {}
         for w in self.gemm_weights():
             own = self.ops.pack_linear(w) if self.ops.pack_linear is not None else None
-            if own is not None:
-                self._packed[id(w)] = (w._version, own, True)
+            run: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+            if own is not None and self.ops.packed_linear is not None:
+                run = lambda x, b, p=own, n=w.shape[0], f=self.ops.packed_linear: f(x, p, b, n)  # noqa: E731
+            elif (onednn := prepack(w)) is not None:
+                run = lambda x, b, w=w, p=onednn: linear(x, w, b, self.tile_rows, p)  # noqa: E731
+            else:
                 continue
-            packed = prepack(w)
-            if packed is not None:
-                self._packed[id(w)] = (w._version, packed, False)
+            self._packed[id(w)] = (w._version, run)
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         entry = self._packed.get(id(w))
         if entry is None or entry[0] != w._version:
             return linear(x, w, b, self.tile_rows)
-        if entry[2] and self.ops.packed_linear is not None:  # invariant by construction: no tiles
-            return self.ops.packed_linear(x, entry[1], b, w.shape[0])
-        return linear(x, w, b, self.tile_rows, entry[1])
+        return entry[1](x, b)
 
     def forward(
         self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
