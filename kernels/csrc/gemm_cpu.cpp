@@ -6,8 +6,10 @@
 // (BLAS libraries pick kernels and K splits by the row count; this is why the engine's
 // deterministic mode otherwise runs them in fixed-size row tiles.)
 //
-// The weight is packed once as [ceil(N/16), K, 16]: panel p holds columns 16p..16p+15,
-// k-major, zero-padded past N, so the micro-kernel reads one 64-byte row per k and panel.
+// The weight is packed once, in groups of up to 6 panels of 16 columns (96 columns): a
+// group's storage is [K, J * 16] for its J panels, so the micro-kernel reads the J x 16
+// weights of one k as consecutive bytes (one stream per task for the prefetchers). The
+// packed tensor is [ceil(N/16), K, 16] in size, columns past N zero.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -22,46 +24,73 @@
 
 namespace {
 
-constexpr int kRows = 4;      // rows per register tile
-constexpr int kPanels = 6;    // 16-column panels per register tile (4 x 6 accumulators)
+constexpr int kRows = 4;            // rows per register tile
+constexpr int kPanels = 6;          // 16-column panels per register tile (4 x 6 accumulators)
 constexpr int64_t kBlockRows = 64;  // rows per parallel task
+// k per block: a block's weights (6 panels x 64 k x 64 B = 24 KB) stay in L1 while every
+// row tile of the task reads them; partial sums wait in `part` between blocks (stored and
+// reloaded as fp32, so the chain over k is the same one).
+constexpr int64_t kKc = 64;
+constexpr int64_t kPartStride = kPanels * kLanes;
+
+// Where panel group g's weights start: every group before it is full.
+inline int64_t group_offset(int64_t g, int64_t k) { return g * kPanels * k * kLanes; }
+
+// A contiguous range of weights, prefetched into L2 a share at a time.
+struct Lines {
+  const float* start;
+  int64_t count;  // 64-byte lines
+  void prefetch(int64_t q0, int64_t q1) const {
+    for (int64_t q = q0; q < q1; ++q) __builtin_prefetch(start + q * kLanes, 0, 2);
+  }
+};
 
 at::Tensor pack_weight(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "weight must be fp32 [N, K]");
   const at::Tensor wc = w.contiguous();
   const int64_t n = wc.size(0), k = wc.size(1), panels = (n + kLanes - 1) / kLanes;
+  const int64_t groups = (panels + kPanels - 1) / kPanels;
   at::Tensor packed = at::zeros({panels, k, kLanes}, wc.options());
   const float* src = wc.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t l = 0; l < kLanes && p * kLanes + l < n; ++l)
-        for (int64_t j = 0; j < k; ++j) dst[(p * k + j) * kLanes + l] = src[(p * kLanes + l) * k + j];
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t width = std::min<int64_t>(kPanels, panels - g * kPanels) * kLanes;
+      float* out = dst + group_offset(g, k);  // [K, width]
+      for (int64_t c = 0; c < width && g * kPanels * kLanes + c < n; ++c)
+        for (int64_t j = 0; j < k; ++j) out[j * width + c] = src[(g * kPanels * kLanes + c) * k + j];
+    }
   });
   return packed;
 }
 
 struct Gemm {
   const float* x;     // [M, K]
-  const float* w;     // [P, K, 16]
+  const float* w;     // [P, K, 16] in size: groups of 6 panels, each [K, 6 x 16]
   const float* bias;  // [N] or null
   float* y;           // [M, N]
   int64_t m, n, k;
 
-  // Rows r0..r0+R-1 against panels p0..p0+J-1.
+  // Rows r0..r0+R-1 against panels p0..p0+J-1 over k in [k0, k1): the sums continue from
+  // part (unless first) and go back to part, or, after the last block, + bias into y.
   template <int R, int J>
-  void tile(int64_t r0, int64_t p0) const {
+  void tile(int64_t r0, int64_t p0, int64_t k0, int64_t k1, float* part, bool first, bool last) const {
     V16 acc[R][J];
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < J; ++j) acc[r][j] = vzero();
-    const float* wp = w + p0 * k * kLanes;
-    for (int64_t kk = 0; kk < k; ++kk) {
+      for (int j = 0; j < J; ++j) acc[r][j] = first ? vzero() : vload(part + r * kPartStride + j * kLanes);
+    const float* wp = w + group_offset(p0 / kPanels, k);  // [K, J * 16]
+    for (int64_t kk = k0; kk < k1; ++kk) {
       V16 wv[J];
-      for (int j = 0; j < J; ++j) wv[j] = vload(wp + (j * k + kk) * kLanes);
+      for (int j = 0; j < J; ++j) wv[j] = vload(wp + (kk * J + j) * kLanes);
       for (int r = 0; r < R; ++r) {
         const V16 xb = vsplat(x[(r0 + r) * k + kk]);
         for (int j = 0; j < J; ++j) acc[r][j] = vfma(xb, wv[j], acc[r][j]);
       }
+    }
+    if (!last) {
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < J; ++j) vstore(part + r * kPartStride + j * kLanes, acc[r][j]);
+      return;
     }
     for (int j = 0; j < J; ++j) {
       const int64_t c0 = (p0 + j) * kLanes, valid = std::min<int64_t>(kLanes, n - c0);
@@ -77,26 +106,40 @@ struct Gemm {
   }
 
   template <int R>
-  void tile_rows(int64_t r0, int64_t p0, int64_t panels) const {
+  void tile_rows(int64_t r0, int64_t p0, int64_t panels, int64_t k0, int64_t k1, float* part, bool first,
+                 bool last) const {
     switch (panels) {
-      case 6: return tile<R, 6>(r0, p0);
-      case 5: return tile<R, 5>(r0, p0);
-      case 4: return tile<R, 4>(r0, p0);
-      case 3: return tile<R, 3>(r0, p0);
-      case 2: return tile<R, 2>(r0, p0);
-      default: return tile<R, 1>(r0, p0);
+      case 6: return tile<R, 6>(r0, p0, k0, k1, part, first, last);
+      case 5: return tile<R, 5>(r0, p0, k0, k1, part, first, last);
+      case 4: return tile<R, 4>(r0, p0, k0, k1, part, first, last);
+      case 3: return tile<R, 3>(r0, p0, k0, k1, part, first, last);
+      case 2: return tile<R, 2>(r0, p0, k0, k1, part, first, last);
+      default: return tile<R, 1>(r0, p0, k0, k1, part, first, last);
     }
   }
 
-  // Rows [r0, r1) against panels [p0, p0 + panels).
-  void block(int64_t r0, int64_t r1, int64_t p0, int64_t panels) const {
-    int64_t r = r0;
-    for (; r + kRows <= r1; r += kRows) tile_rows<kRows>(r, p0, panels);
-    switch (r1 - r) {
-      case 3: tile_rows<3>(r, p0, panels); break;
-      case 2: tile_rows<2>(r, p0, panels); break;
-      case 1: tile_rows<1>(r, p0, panels); break;
-      default: break;
+  // Rows [r0, r1) against panels [p0, p0 + panels); `next` is what the thread reads after
+  // this task (fetched during its last k-block).
+  void block(int64_t r0, int64_t r1, int64_t p0, int64_t panels, const Lines& next) const {
+    alignas(64) float part[kBlockRows * kPartStride];
+    const int64_t tiles = (r1 - r0 + kRows - 1) / kRows;
+    for (int64_t k0 = 0; k0 < k; k0 += kKc) {
+      const int64_t k1 = std::min(k, k0 + kKc);
+      const bool first = k0 == 0, last = k1 == k;
+      const Lines ahead = last ? next : Lines{w + group_offset(p0 / kPanels, k) + k1 * panels * kLanes,
+                                              (std::min(k, k1 + kKc) - k1) * panels};
+      const int64_t lines = ahead.count;
+      for (int64_t i = 0; i < tiles; ++i) {
+        ahead.prefetch(lines * i / tiles, lines * (i + 1) / tiles);
+        const int64_t r = r0 + i * kRows;
+        float* pr = part + (r - r0) * kPartStride;
+        switch (std::min<int64_t>(kRows, r1 - r)) {
+          case 4: tile_rows<4>(r, p0, panels, k0, k1, pr, first, last); break;
+          case 3: tile_rows<3>(r, p0, panels, k0, k1, pr, first, last); break;
+          case 2: tile_rows<2>(r, p0, panels, k0, k1, pr, first, last); break;
+          default: tile_rows<1>(r, p0, panels, k0, k1, pr, first, last); break;
+        }
+      }
     }
   }
 };
@@ -114,11 +157,17 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   const Gemm g{x.data_ptr<float>(), packed.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr,
                y.data_ptr<float>(), m, n, x.size(1)};
   const int64_t col_blocks = (panels + kPanels - 1) / kPanels, row_blocks = (m + kBlockRows - 1) / kBlockRows;
-  at::parallel_for(0, col_blocks * row_blocks, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t tasks = col_blocks * row_blocks;
+  // Task t: column block t % col_blocks of row block t / col_blocks (consecutive tasks of a
+  // thread share its rows, so x stays in cache while the weights stream by).
+  auto panels_of = [&](int64_t t) { return std::min<int64_t>(kPanels, panels - (t % col_blocks) * kPanels); };
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t cb = t % col_blocks, rb = t / col_blocks;
-      const int64_t p0 = cb * kPanels, r0 = rb * kBlockRows;
-      g.block(r0, std::min(m, r0 + kBlockRows), p0, std::min<int64_t>(kPanels, panels - p0));
+      const int64_t p0 = (t % col_blocks) * kPanels, r0 = (t / col_blocks) * kBlockRows;
+      const Lines next = t + 1 < t1 ? Lines{g.w + group_offset((t + 1) % col_blocks, g.k),
+                                            std::min(g.k, kKc) * panels_of(t + 1)}
+                                    : Lines{g.w, 0};
+      g.block(r0, std::min(m, r0 + kBlockRows), p0, panels_of(t), next);
     }
   });
   return y;
