@@ -43,6 +43,27 @@ def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
     return (m + torch.log(total))[:, 0]
 
 
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """[R, V] -> [R] int64: each row's first maximum, exactly torch.argmax(x, -1) (NaN
+    counts as the maximum). Found chunk by chunk, as vectorized maxima, then one chunk's
+    argmax: torch's CPU argmax over a vocabulary is a scalar loop (3.9 ms vs 0.6 ms on
+    [64, 49152] here)."""
+    rows, vocab = x.shape
+    full = vocab // _CHUNK * _CHUNK
+    if full == 0 or rows == 0:
+        return torch.argmax(x, dim=-1)
+    chunk_max = x[:, :full].reshape(rows, -1, _CHUNK).amax(dim=-1)  # [R, V // CHUNK]
+    if full < vocab:
+        chunk_max = torch.cat([chunk_max, x[:, full:].amax(dim=-1, keepdim=True)], dim=1)
+    best = chunk_max.amax(dim=-1, keepdim=True)  # [R, 1]
+    if bool(torch.isnan(best).any()):
+        return torch.argmax(x, dim=-1)  # amax propagates NaN; the first NaN is what argmax returns
+    start = (chunk_max == best).to(torch.uint8).argmax(dim=-1) * _CHUNK  # [R] first chunk with the max
+    # A short last chunk repeats the last index: copies after it never change the first max.
+    idx = (start[:, None] + torch.arange(_CHUNK, device=x.device)).clamp_max_(vocab - 1)  # [R, CHUNK]
+    return start + x.gather(1, idx).argmax(dim=-1)
+
+
 def row_log_softmax(x: torch.Tensor) -> torch.Tensor:
     """[R, V] log-softmax per row with the invariant normalizer above."""
     return x - row_logsumexp(x)[:, None]

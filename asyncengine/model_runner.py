@@ -67,11 +67,10 @@ class ModelRunner:
         rows, sample_reqs, plp_slices = self._logit_rows(sched, meta)
         if not rows:
             return ModelRunnerOutput(samples={}, prompt_logprobs={})
-        logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(rows)))  # [R, V] fp32
+        logits = self.model.compute_logits(_take_rows(hidden, rows))  # [R, V] fp32
         samples: dict[str, SampleResult] = {}
         if sample_reqs:
-            idx = torch.tensor([i for i, _ in sample_reqs])
-            results = sampler.sample(logits.index_select(0, idx), [r for _, r in sample_reqs])
+            results = sampler.sample(_take_rows(logits, [i for i, _ in sample_reqs]), [r for _, r in sample_reqs])
             samples = {r.request_id: res for (_, r), res in zip(sample_reqs, results)}
         plps: dict[str, PromptLogprobs] = {}
         for req, lo_row, (lo, hi) in plp_slices:
@@ -130,3 +129,11 @@ class ModelRunner:
                 sample_reqs.append((len(rows), s.request))
                 rows.append(first + s.num_new_tokens - 1)
         return rows, sample_reqs, plp
+
+
+def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows] ([len(rows), ...]); x itself when rows are all of x in order (every decode
+    step), sparing a copy of [R, V] logits."""
+    if len(rows) == x.shape[0] and rows == list(range(len(rows))):
+        return x
+    return x.index_select(0, torch.tensor(rows, dtype=torch.int64, device=x.device))

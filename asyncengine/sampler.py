@@ -25,7 +25,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
     need_raw = any(p.logprobs_mode == "raw" or p.return_raw_logprob for p in params)
     raw = L.raw_log_probs(logits) if need_raw else None
     kept = L.log_kept_mass(scaled, mask) if any(p.return_log_kept_mass for p in params) else None
-    greedy_tokens = torch.argmax(scaled, dim=-1).tolist()  # first maximum = lowest id
+    greedy_tokens = L.row_argmax(scaled).tolist()  # first maximum = lowest id
 
     results = []
     for r, req in enumerate(requests):

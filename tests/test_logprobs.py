@@ -20,6 +20,24 @@ def test_top_k_ties_break_by_lower_token_id() -> None:
     assert mask[0].tolist() == [False, True, False, True, False, False]
 
 
+def test_row_argmax_is_torch_argmax_with_ties_infinities_and_nan() -> None:
+    g = torch.Generator().manual_seed(0)
+    for rows, vocab in [(64, 49152), (3, 1000), (5, 512), (2, 100), (7, 1537), (1, 2048)]:
+        for trial in range(12):
+            x = torch.randn(rows, vocab, generator=g)
+            if trial % 3 == 0:
+                x = x.round()  # many ties: the lowest id must win
+            if trial % 4 == 1:
+                x[0] = float("-inf")
+            if trial % 4 == 2:
+                x[-1, vocab // 3] = float("nan")
+                x[-1, vocab // 2] = float("nan")
+            if trial % 4 == 3:
+                x[:, -1] = 100.0  # the maximum in a short last chunk
+            assert torch.equal(L.row_argmax(x), torch.argmax(x, dim=-1)), (rows, vocab, trial)
+    assert L.row_argmax(torch.empty(0, 600)).shape == (0,)
+
+
 def test_top_p_keeps_smallest_prefix_reaching_mass() -> None:
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     z = probs.log()[None]
