@@ -32,6 +32,19 @@ struct PagedCache {
   const T* at(const int64_t* table, int64_t j, int64_t head) const {
     return base + table[j / block_size] * s_block + (j % block_size) * s_slot + head * s_head;
   }
+  // Hint into L2 the D elements of keys c0..min(c0 + 15, last) of one head: D rows of 16
+  // when stored d-major (a chunk never straddles blocks there), else a row per key.
+  void prefetch_chunk(const int64_t* table, int64_t c0, int64_t last, int64_t head, int64_t D) const {
+    constexpr int64_t kLine = 64 / sizeof(T);
+    if (c0 > last) return;
+    if (s_slot == 1 && block_size % kLanes == 0) {
+      const T* p = at(table, c0, head);
+      for (int64_t d = 0; d < D; ++d) __builtin_prefetch(p + d * s_d, 0, 2);
+    } else if (s_d == 1) {
+      for (int64_t j = c0; j <= std::min(last, c0 + kLanes - 1); ++j)
+        for (int64_t e = 0; e < D; e += kLine) __builtin_prefetch(at(table, j, head) + e, 0, 2);
+    }
+  }
 };
 
 // One unit of work: query tokens [t0, t1) of sequence seq, the G heads of one KV head.
@@ -95,6 +108,12 @@ struct Worker {
     const bool direct = K.s_slot == 1 && K.block_size % kLanes == 0;
     for (int64_t c0 = 0; c0 <= last; c0 += kLanes) {
       const int64_t n = std::min<int64_t>(kLanes, last + 1 - c0);
+      // Into L2 while this chunk's scores compute: its values (the values pass reads them
+      // next) and the keys two chunks on. Streaming one 4 KB block at a time, each block
+      // restarts the hardware prefetcher and memory sits idle (decode, 64 sequences x 445
+      // keys, 30 layers: 76-94 -> 74-86 ms).
+      V.prefetch_chunk(table, c0, last, it.kv_head, D);
+      K.prefetch_chunk(table, c0 + 2 * kLanes, last, it.kv_head, D);
       const T* kd;
       int64_t ld;
       if (direct) {
