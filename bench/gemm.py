@@ -1,0 +1,74 @@
+"""The fp32 linear layers of whole forward steps: our batch-invariant GEMM vs torch (MKL).
+
+One step of SmolLM2-135M's GEMMs: 30 layers of distinct weights (qkv 960x576, o 576x576,
+gate_up 3072x576, down 576x1536) and the 49152x576 head, 538 MB of fp32 weights, so
+they stream from memory as in the engine (a loop over one small weight would sit in
+cache). Rows: 64 (a decode step of 64 sequences) and 512 (a prefill chunk). Prints
+ms per step and GFLOP/s of each, and the ratio ours / torch, alternating the two a few
+rounds (this machine's speed drifts from second to second; compare within a round).
+
+    python bench/gemm.py                 # rows 64 and 512, 3 rounds
+    python bench/gemm.py --rows 1,64 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# Run as a script, bench/ leads sys.path and bench/kernels.py would shadow `kernels`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from kernels import attention_cpu  # noqa: E402
+
+LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # (N, K) per linear layer
+HEAD_SHAPE = (49152, 576)
+NUM_LAYERS = 30
+
+
+def _step_ms(run: Callable[[], None], repeats: int) -> float:
+    run()  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - t) / repeats * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="64,512", help="comma-separated row counts M")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="steps timed per measurement")
+    a = ap.parse_args()
+    if not attention_cpu.available():
+        raise SystemExit("the compiled CPU ops are not available (no C++ compiler?)")
+    torch.manual_seed(0)
+    shapes = [s for _ in range(NUM_LAYERS) for s in LAYER_SHAPES] + [HEAD_SHAPE]
+    weights = [torch.randn(n, k) / k**0.5 for n, k in shapes]  # [N, K] each
+    packed = [attention_cpu.pack_linear_weight(w) for w in weights]
+    print(f"threads {torch.get_num_threads()}; {sum(w.numel() for w in weights) * 4 / 1e6:.0f} MB of weights")
+    for m in (int(r) for r in a.rows.split(",")):
+        xs = {k: torch.randn(m, k) for k in {k for _, k in shapes}}  # [M, K]
+        gflop = 2 * m * sum(n * k for n, k in shapes) / 1e9
+
+        def ours() -> None:
+            for (n, k), p in zip(shapes, packed):
+                attention_cpu.packed_linear_cpu(xs[k], p, None, n)
+
+        def torch_mm() -> None:
+            for (_, k), w in zip(shapes, weights):
+                torch.mm(xs[k], w.t())
+
+        for r in range(a.rounds):
+            t_ours, t_torch = _step_ms(ours, a.repeats), _step_ms(torch_mm, a.repeats)
+            print(f"rows {m:4d} round {r}: ours {t_ours:7.1f} ms ({gflop / t_ours * 1e3:5.1f} GFLOP/s) | "
+                  f"torch.mm {t_torch:7.1f} ms ({gflop / t_torch * 1e3:5.1f} GFLOP/s) | "
+                  f"ours/torch time {t_ours / t_torch:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
