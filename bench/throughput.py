@@ -5,8 +5,9 @@ Two workloads (greedy, ignore_eos, so every request makes exactly its new tokens
   decode-heavy:  64 prompts of ~16 tokens, 512 new tokens each
 For each workload and dtype it prints our generated tokens/s, HF `generate` tokens/s on
 the same prompts (padded batches of 16, as users run it), the ratio, and the fraction
-of the compute roofline: a 2048^3 matmul's GFLOP/s measured in this run, divided into
-the workload's 2 x parameters x (prompt + generated tokens) FLOPs.
+of the compute roofline: a 2048^3 matmul's GFLOP/s measured in this run (the mean of one
+right before and one right after our run), divided into the workload's
+2 x parameters x (prompt + generated tokens) FLOPs.
 
     python bench/throughput.py                     # both workloads, fp32 and bf16 (long)
     python bench/throughput.py --dtypes float32 --workloads prefill --scale 0.25
@@ -98,12 +99,17 @@ def main() -> None:
     for dtype_name in a.dtypes.split(","):
         llm = LLM(model=str(model_dir), dtype=dtype_name, deterministic=not a.non_deterministic)
         params = sum(t.numel() for t in llm.engine.model.gemm_weights())
-        gflops = matmul_gflops(DTYPES[dtype_name])
-        print(f"\n[{dtype_name}] matmul 2048^3: {gflops:.1f} GFLOP/s; {params / 1e6:.1f} M matmul parameters")
+        print(f"\n[{dtype_name}] {params / 1e6:.1f} M matmul parameters")
         for name, (prompts, new) in workloads(a.scale, llm.engine.model_info.vocab_size).items():
             if name not in a.workloads.split(","):
                 continue
+            # This machine's speed drifts by tens of percent within minutes: the roofline
+            # takes the mean of a matmul measured right before and right after our run.
+            before = matmul_gflops(DTYPES[dtype_name])
             ours = run_ours(llm, prompts, new)
+            after = matmul_gflops(DTYPES[dtype_name])
+            gflops = (before + after) / 2
+            print(f"  {name:8s} matmul 2048^3: {before:.1f} GFLOP/s before, {after:.1f} after", flush=True)
             tokens = sum(len(p) for p in prompts) + len(prompts) * new
             roof = 2 * params * tokens / 1e9 / gflops  # seconds at peak
             ours_time = len(prompts) * new / ours
