@@ -211,9 +211,9 @@ def rope_store_kv_cpu(
 
 
 def pack_linear_weight(w: torch.Tensor) -> torch.Tensor | None:
-    """The layout packed_linear_cpu reads (groups of 96 columns, each [K, 96], in a tensor of
-    size [ceil(N/16), K, 16]) of an fp32 weight [N, K];
-    None for other dtypes (their GEMMs stay with oneDNN/MKL)."""
+    """An fp32 weight [N, K] in the layout packed_linear_cpu reads: groups of 96 columns,
+    each stored [K, 96], in a tensor of size [ceil(N/16), K, 16]. None for other dtypes
+    (their GEMMs stay with oneDNN/MKL)."""
     if w.dtype != torch.float32 or w.device.type != "cpu":
         return None
     load()

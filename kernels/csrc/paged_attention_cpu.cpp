@@ -32,12 +32,14 @@ struct PagedCache {
   const T* at(const int64_t* table, int64_t j, int64_t head) const {
     return base + table[j / block_size] * s_block + (j % block_size) * s_slot + head * s_head;
   }
+  // Keys stored d-major, 16 to a chunk within one block: a chunk is D rows of 16 in place.
+  bool d_major() const { return s_slot == 1 && block_size % kLanes == 0; }
   // Hint into L2 the D elements of keys c0..min(c0 + 15, last) of one head: D rows of 16
   // when stored d-major (a chunk never straddles blocks there), else a row per key.
   void prefetch_chunk(const int64_t* table, int64_t c0, int64_t last, int64_t head, int64_t D) const {
     constexpr int64_t kLine = 64 / sizeof(T);
     if (c0 > last) return;
-    if (s_slot == 1 && block_size % kLanes == 0) {
+    if (d_major()) {
       const T* p = at(table, c0, head);
       for (int64_t d = 0; d < D; ++d) __builtin_prefetch(p + d * s_d, 0, 2);
     } else if (s_d == 1) {
@@ -105,7 +107,7 @@ struct Worker {
   void score_rows(const Item& it, int64_t rows, int64_t first_pos, int64_t last, const int64_t* table,
                   int64_t width) {
     const int64_t D = P.head_dim;
-    const bool direct = K.s_slot == 1 && K.block_size % kLanes == 0;
+    const bool direct = K.d_major();
     for (int64_t c0 = 0; c0 <= last; c0 += kLanes) {
       const int64_t n = std::min<int64_t>(kLanes, last + 1 - c0);
       // Into L2 while this chunk's scores compute: its values (the values pass reads them
