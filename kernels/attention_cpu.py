@@ -61,7 +61,7 @@ def _cpu_flags() -> str:
 
 
 def _build_key() -> str:
-    h = hashlib.sha256(b"".join(p.read_bytes() for p in [*SOURCES, CSRC / "vec16.h"]))
+    h = hashlib.sha256(b"".join(p.read_bytes() for p in [*SOURCES, *sorted(CSRC.glob("*.h"))]))
     for part in (torch.__version__, " ".join(CXXFLAGS), _cpu_flags()):
         h.update(part.encode())
     return h.hexdigest()[:16]

@@ -19,40 +19,10 @@
 #include <limits>
 #include <vector>
 
+#include "paged_attention.h"
 #include "vec16.h"
 
 namespace {
-
-// A view of one KV cache, [num_blocks, block_size, Hkv, D] with any strides.
-template <typename T>
-struct PagedCache {
-  const T* base;
-  int64_t s_block, s_slot, s_head, s_d;
-  int64_t block_size;
-  const T* at(const int64_t* table, int64_t j, int64_t head) const {
-    return base + table[j / block_size] * s_block + (j % block_size) * s_slot + head * s_head;
-  }
-  // Keys stored d-major, 16 to a chunk within one block: a chunk is D rows of 16 in place.
-  bool d_major() const { return s_slot == 1 && block_size % kLanes == 0; }
-  // Hint into L2 the D elements of keys c0..min(c0 + 15, last) of one head: D rows of 16
-  // when stored d-major (a chunk never straddles blocks there), else a row per key.
-  void prefetch_chunk(const int64_t* table, int64_t c0, int64_t last, int64_t head, int64_t D) const {
-    constexpr int64_t kLine = 64 / sizeof(T);
-    if (c0 > last) return;
-    if (d_major()) {
-      const T* p = at(table, c0, head);
-      for (int64_t d = 0; d < D; ++d) __builtin_prefetch(p + d * s_d, 0, 2);
-    } else if (s_d == 1) {
-      for (int64_t j = c0; j <= std::min(last, c0 + kLanes - 1); ++j)
-        for (int64_t e = 0; e < D; e += kLine) __builtin_prefetch(at(table, j, head) + e, 0, 2);
-    }
-  }
-};
-
-// One unit of work: query tokens [t0, t1) of sequence seq, the G heads of one KV head.
-struct Item {
-  int64_t seq, kv_head, t0, t1;
-};
 
 struct Problem {
   const float* q;        // [T, Hq, D] fp32, contiguous
@@ -73,33 +43,50 @@ struct Worker {
   std::vector<T> kt;            // [D, 16] keys of one chunk, transposed (slow layouts only)
   std::vector<float> scores;    // [rows, width]
   std::vector<float> den;       // [rows]
+  LineQueue ahead;                  // cache lines to fetch while computing
+  static constexpr int64_t kKeysAhead = 2 * kLanes;
+  // How far ahead the values pass fetches: kKeysAhead rounded up to whole blocks.
+  int64_t values_ahead() const { return (kKeysAhead + V.block_size - 1) / V.block_size * V.block_size; }
 
   int64_t row_token(const Item& it, int64_t r) const { return P.qsl[it.seq] + it.t0 + r / P.group; }
   int64_t row_head(const Item& it, int64_t r) const { return it.kv_head * P.group + r % P.group; }
 
-  void run(const Item& it) {
-    const int64_t q_len = P.qsl[it.seq + 1] - P.qsl[it.seq];
-    const int64_t first_pos = P.lens[it.seq] - q_len + it.t0;  // position of the item's token 0
+  int64_t first_pos(const Item& it) const {  // position of the item's token 0
+    return P.lens[it.seq] - (P.qsl[it.seq + 1] - P.qsl[it.seq]) + it.t0;
+  }
+  int64_t last_key(const Item& it) const { return first_pos(it) + (it.t1 - it.t0) - 1; }
+  const int64_t* table_of(const Item& it) const { return P.tables + it.seq * P.table_width; }
+
+  // Memory is kept busy all along: the scores pass fetches keys kKeysAhead on (and the
+  // first values), the values pass fetches values kKeysAhead on and the first keys of
+  // `next` (the item this thread runs next, or null).
+  void run(const Item& it, const Item* next) {
+    const int64_t first_pos = this->first_pos(it);
     const int64_t rows = (it.t1 - it.t0) * P.group;
-    const int64_t last = first_pos + (it.t1 - it.t0) - 1;      // the furthest key any row sees
+    const int64_t last = last_key(it);  // the furthest key any row sees
     const int64_t width = (last / kLanes + 1) * kLanes;
-    const int64_t* table = P.tables + it.seq * P.table_width;
+    const int64_t* table = table_of(it);
     scores.resize(rows * width);
     den.resize(rows);
     score_rows(it, rows, first_pos, last, table, width);
     for (int64_t r = 0; r < rows; ++r) softmax_row(&scores[r * width], first_pos + r / P.group, den[r]);
+    ahead.clear();
+    if (next != nullptr)
+      for (int64_t c0 = 0; c0 < kKeysAhead; c0 += kLanes)
+        K.chunk_lines(table_of(*next), c0, last_key(*next), next->kv_head, P.head_dim, ahead);
+    ahead.pace_over(first_pos + 1);  // over the first values pass
     // The G rows of one token share its keys: up to 4 at a time share each value load.
     for (int64_t r = 0; r < rows;) {
       const int64_t n = std::min<int64_t>(kValueRows, P.group - r % P.group);
       const int64_t pos = first_pos + r / P.group;
-      switch (n) {
-        case 4: weigh_values<4>(it, r, width, pos, table); break;
-        case 3: weigh_values<3>(it, r, width, pos, table); break;
-        case 2: weigh_values<2>(it, r, width, pos, table); break;
-        default: weigh_values<1>(it, r, width, pos, table); break;
+      if (r == 0) {
+        weigh_values_n<true>(n, it, r, width, pos, table);
+      } else {
+        weigh_values_n<false>(n, it, r, width, pos, table);
       }
       r += n;
     }
+    ahead.all();
   }
 
   // Scores, 16 keys at a time from the chunk's keys as [D, 16]: the cache's own layout
@@ -110,12 +97,14 @@ struct Worker {
     const bool direct = K.d_major();
     for (int64_t c0 = 0; c0 <= last; c0 += kLanes) {
       const int64_t n = std::min<int64_t>(kLanes, last + 1 - c0);
-      // Into L2 while this chunk's scores compute: its values (the values pass reads them
-      // next) and the keys two chunks on. Streaming one 4 KB block at a time, each block
-      // restarts the hardware prefetcher and memory sits idle (decode, 64 sequences x 445
-      // keys, 30 layers: 76-94 -> 74-86 ms).
-      V.prefetch_chunk(table, c0, last, it.kv_head, D);
-      K.prefetch_chunk(table, c0 + 2 * kLanes, last, it.kv_head, D);
+      // Into L2, spread over this chunk's FMAs: the keys kKeysAhead on. The cache is read
+      // one scattered 4 KB block at a time, and each block restarts the hardware
+      // prefetcher, so without hints memory sits idle between blocks.
+      ahead.clear();
+      K.chunk_lines(table, c0 + kKeysAhead, last, it.kv_head, D, ahead);
+      if (c0 < values_ahead())  // and the values the values pass starts with
+        for (int64_t j = c0; j <= std::min(last, c0 + kLanes - 1); ++j) V.row_lines(table, j, it.kv_head, D, ahead);
+      ahead.pace_over(D / 4);
       const T* kd;
       int64_t ld;
       if (direct) {
@@ -131,23 +120,37 @@ struct Worker {
         ld = kLanes;
       }
       // Rows are in token order, so the rows whose keys reach this chunk are a suffix.
-      // Up to four at a time share each key load (a decode's G rows in one pass); a
-      // row's own operations are the same however many share the pass.
       int64_t r = 0;
       while (r < rows && first_pos + r / P.group < c0) ++r;
-      for (; r + 3 < rows; r += 4) score_chunk<4>(it, r, kd, ld, first_pos, c0, width);
-      switch (rows - r) {
-        case 3: score_chunk<3>(it, r, kd, ld, first_pos, c0, width); break;
-        case 2: score_chunk<2>(it, r, kd, ld, first_pos, c0, width); break;
-        case 1: score_chunk<1>(it, r, kd, ld, first_pos, c0, width); break;
-        default: break;
+      // One pass (a decode's rows) spreads the fetches over its FMAs; behind several
+      // passes (prefill) one burst hides.
+      if (rows - r <= 4) {
+        score_passes<true>(it, r, rows, kd, ld, first_pos, c0, width);
+      } else {
+        ahead.all();
+        score_passes<false>(it, r, rows, kd, ld, first_pos, c0, width);
       }
+      ahead.all();
+    }
+  }
+
+  // Rows r..rows-1 against one chunk, up to four at a time sharing each key load; a row's
+  // own operations are the same however many share the pass.
+  template <bool Paced>
+  void score_passes(const Item& it, int64_t r, int64_t rows, const T* kd, int64_t ld, int64_t first_pos,
+                    int64_t c0, int64_t width) {
+    for (; r + 3 < rows; r += 4) score_chunk<4, Paced>(it, r, kd, ld, first_pos, c0, width);
+    switch (rows - r) {
+      case 3: return score_chunk<3, Paced>(it, r, kd, ld, first_pos, c0, width);
+      case 2: return score_chunk<2, Paced>(it, r, kd, ld, first_pos, c0, width);
+      case 1: return score_chunk<1, Paced>(it, r, kd, ld, first_pos, c0, width);
+      default: return;
     }
   }
 
   // Scores of rows r..r+R-1 against one chunk: per row and key lane, four FMA chains over
   // d mod 4 (ascending), summed as (c0 + c1) + (c2 + c3), times scale.
-  template <int R>
+  template <int R, bool Paced>
   void score_chunk(const Item& it, int64_t r, const T* kd, int64_t ld, int64_t first_pos, int64_t c0,
                    int64_t width) {
     const int64_t D = P.head_dim;
@@ -157,11 +160,13 @@ struct Worker {
       q[i] = P.q + (row_token(it, r + i) * P.num_heads + row_head(it, r + i)) * D;
       for (int c = 0; c < 4; ++c) a[i][c] = vzero();
     }
-    for (int64_t d = 0; d < D; d += 4)
+    for (int64_t d = 0; d < D; d += 4) {
       for (int c = 0; c < 4; ++c) {
         const V16 k = load16(kd + (d + c) * ld);
         for (int i = 0; i < R; ++i) a[i][c] = vfma(vsplat(q[i][d + c]), k, a[i][c]);
       }
+      if (Paced) ahead.step();
+    }
     for (int i = 0; i < R; ++i) {
       const int64_t p = first_pos + (r + i) / P.group;
       V16 s = vmul(vadd(vadd(a[i][0], a[i][1]), vadd(a[i][2], a[i][3])), vsplat(P.scale));
@@ -189,18 +194,41 @@ struct Worker {
   // chain per row and 16 values of d, j ascending.
   static constexpr int kMaxNV = NV > 0 ? NV : 16;
   static constexpr int kValueRows = NV > 0 && NV <= 4 ? 4 : 1;  // accumulators fit registers
-  template <int R>
+  template <bool Lead>
+  void weigh_values_n(int64_t n, const Item& it, int64_t r, int64_t width, int64_t pos, const int64_t* table) {
+    switch (n) {
+      case 4: return weigh_values<4, Lead>(it, r, width, pos, table);
+      case 3: return weigh_values<3, Lead>(it, r, width, pos, table);
+      case 2: return weigh_values<2, Lead>(it, r, width, pos, table);
+      default: return weigh_values<1, Lead>(it, r, width, pos, table);
+    }
+  }
+
+  // Lead: the item's first values pass (its earliest token), which also fetches ahead.
+  template <int R, bool Lead>
   void weigh_values(const Item& it, int64_t r, int64_t width, int64_t pos, const int64_t* table) {
     const int nv = NV > 0 ? NV : static_cast<int>(P.head_dim / kLanes);
     V16 acc[R][kMaxNV];
     for (int i = 0; i < R; ++i)
       for (int k = 0; k < nv; ++k) acc[i][k] = vzero();
     const float* p = &scores[r * width];
-    for (int64_t j = 0; j <= pos; ++j) {
-      const T* v = V.at(table, j, it.kv_head);
-      for (int k = 0; k < nv; ++k) {
-        const V16 vk = load16(v + k * kLanes);
-        for (int i = 0; i < R; ++i) acc[i][k] = vfma(vsplat(p[i * width + j]), vk, acc[i][k]);
+    const int64_t bs = V.block_size, dist = values_ahead();
+    for (int64_t j0 = 0; j0 <= pos; j0 += bs) {  // a block at a time: one table lookup each
+      const T* vb = V.at(table, j0, it.kv_head);
+      const T* fb = Lead && j0 + dist <= pos ? V.at(table, j0 + dist, it.kv_head) : nullptr;
+      const int64_t n = std::min(bs, pos + 1 - j0);
+      for (int64_t s = 0; s < n; ++s) {
+        // Into L2, a key at a time: the values `dist` keys on and a share of `ahead` (the
+        // lead pass only: later passes of a prefill item re-read cached values).
+        if (Lead) {
+          if (fb != nullptr && j0 + dist + s <= pos) V.prefetch_row(fb + s * V.s_slot, P.head_dim);
+          ahead.step();
+        }
+        const T* v = vb + s * V.s_slot;
+        for (int k = 0; k < nv; ++k) {
+          const V16 vk = load16(v + k * kLanes);
+          for (int i = 0; i < R; ++i) acc[i][k] = vfma(vsplat(p[i * width + j0 + s]), vk, acc[i][k]);
+        }
       }
     }
     for (int i = 0; i < R; ++i) {
@@ -218,9 +246,15 @@ void run_items(const Problem& P, const PagedCache<T>& K, const PagedCache<T>& V,
   // Dynamic scheduling over the items (largest first): which thread runs an item never
   // changes what the item computes.
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t end) {
-    Worker<T, NV> w{P, K, V, {}, {}, {}};
-    for (int64_t t = begin; t < end; ++t)
-      for (int64_t i = next++; i < n; i = next++) w.run(items[i]);
+    Worker<T, NV> w{P, K, V};
+    for (int64_t t = begin; t < end; ++t) {
+      // Claim the next item before running this one, so its first keys are fetched ahead.
+      for (int64_t i = next++; i < n;) {
+        const int64_t following = next++;
+        w.run(items[i], following < n ? &items[following] : nullptr);
+        i = following;
+      }
+    }
   });
 }
 
@@ -235,27 +269,6 @@ void run_all(const Problem& P, const at::Tensor& k_cache, const at::Tensor& v_ca
     case 8: return run_items<T, 8>(P, K, V, items);
     default: return run_items<T, 0>(P, K, V, items);
   }
-}
-
-// Query tiles of a bounded number of rows, so that a long chunk spreads over threads
-// and each key chunk, once transposed, serves many rows.
-std::vector<Item> make_items(const int64_t* qsl, int64_t num_seqs, int64_t num_kv_heads, int64_t group,
-                             const int64_t* lens) {
-  const int64_t tile = std::max<int64_t>(1, 48 / group);
-  std::vector<std::pair<int64_t, Item>> costed;
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t q_len = qsl[s + 1] - qsl[s];
-    for (int64_t t0 = 0; t0 < q_len; t0 += tile) {
-      const int64_t t1 = std::min(q_len, t0 + tile);
-      const int64_t cost = (t1 - t0) * (lens[s] - q_len + t1);
-      for (int64_t h = 0; h < num_kv_heads; ++h) costed.push_back({cost, Item{s, h, t0, t1}});
-    }
-  }
-  std::stable_sort(costed.begin(), costed.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
-  std::vector<Item> items;
-  items.reserve(costed.size());
-  for (auto& c : costed) items.push_back(c.second);
-  return items;
 }
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
