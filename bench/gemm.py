@@ -1,4 +1,4 @@
-"""The fp32 linear layers of whole forward steps: our batch-invariant GEMM vs torch (MKL).
+"""The linear layers of whole forward steps: our batch-invariant GEMMs vs the library.
 
 One step of SmolLM2-135M's GEMMs: 30 layers of distinct weights (qkv 960x576, o 576x576,
 gate_up 3072x576, down 576x1536) and the 49152x576 head, 538 MB of fp32 weights, so
@@ -7,8 +7,13 @@ cache). Rows: 64 (a decode step of 64 sequences) and 512 (a prefill chunk). Prin
 ms per step and GFLOP/s of each, and the ratio ours / torch, alternating the two a few
 rounds (this machine's speed drifts from second to second; compare within a round).
 
-    python bench/gemm.py                 # rows 64 and 512, 3 rounds
+--dtype bfloat16 (CPUs with AMX-BF16): the 30 layers in bf16 (212 MB; the engine keeps
+the head in fp32), our AMX tile GEMM vs what the engine runs without it: oneDNN on its
+prepacked weight in deterministic mode's 64-row tiles.
+
+    python bench/gemm.py                 # fp32, rows 64 and 512, 3 rounds
     python bench/gemm.py --rows 1,64 --rounds 5
+    python bench/gemm.py --dtype bfloat16 --rows 32,64,512
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from asyncengine.models.llama import DEFAULT_GEMM_TILE_ROWS, linear, prepack  # noqa: E402
 from kernels import attention_cpu  # noqa: E402
 
 LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # (N, K) per linear layer
@@ -43,31 +49,42 @@ def main() -> None:
     ap.add_argument("--rows", default="64,512", help="comma-separated row counts M")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="steps timed per measurement")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     a = ap.parse_args()
     if not attention_cpu.available():
         raise SystemExit("the compiled CPU ops are not available (no C++ compiler?)")
+    bf16 = a.dtype == "bfloat16"
+    if bf16 and not torch.ops.asyncengine_cpu.amx_available():
+        raise SystemExit("this CPU has no AMX-BF16: bf16 GEMMs run oneDNN, nothing to compare")
+    dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(0)
-    shapes = [s for _ in range(NUM_LAYERS) for s in LAYER_SHAPES] + [HEAD_SHAPE]
-    weights = [torch.randn(n, k) / k**0.5 for n, k in shapes]  # [N, K] each
+    shapes = [s for _ in range(NUM_LAYERS) for s in LAYER_SHAPES] + ([] if bf16 else [HEAD_SHAPE])
+    weights = [(torch.randn(n, k) / k**0.5).to(dtype) for n, k in shapes]  # [N, K] each
     packed = [attention_cpu.pack_linear_weight(w) for w in weights]
-    print(f"threads {torch.get_num_threads()}; {sum(w.numel() for w in weights) * 4 / 1e6:.0f} MB of weights")
+    library = [prepack(w) for w in weights] if bf16 else weights
+    name = f"oneDNN x{DEFAULT_GEMM_TILE_ROWS} rows" if bf16 else "torch.mm"
+    print(f"threads {torch.get_num_threads()}; {sum(w.numel() * w.element_size() for w in weights) / 1e6:.0f} MB "
+          f"of {a.dtype} weights")
     for m in (int(r) for r in a.rows.split(",")):
-        xs = {k: torch.randn(m, k) for k in {k for _, k in shapes}}  # [M, K]
+        xs = {k: torch.randn(m, k).to(dtype) for k in {k for _, k in shapes}}  # [M, K]
         gflop = 2 * m * sum(n * k for n, k in shapes) / 1e9
 
         def ours() -> None:
             for (n, k), p in zip(shapes, packed):
                 attention_cpu.packed_linear_cpu(xs[k], p, None, n)
 
-        def torch_mm() -> None:
-            for (_, k), w in zip(shapes, weights):
-                torch.mm(xs[k], w.t())
+        def lib() -> None:
+            for (_, k), w, p in zip(shapes, weights, library):
+                if bf16:
+                    linear(xs[k], w, None, DEFAULT_GEMM_TILE_ROWS, p)
+                else:
+                    torch.mm(xs[k], w.t())
 
         for r in range(a.rounds):
-            t_ours, t_torch = _step_ms(ours, a.repeats), _step_ms(torch_mm, a.repeats)
-            print(f"rows {m:4d} round {r}: ours {t_ours:7.1f} ms ({gflop / t_ours * 1e3:5.1f} GFLOP/s) | "
-                  f"torch.mm {t_torch:7.1f} ms ({gflop / t_torch * 1e3:5.1f} GFLOP/s) | "
-                  f"ours/torch time {t_ours / t_torch:.2f}", flush=True)
+            t_ours, t_lib = _step_ms(ours, a.repeats), _step_ms(lib, a.repeats)
+            print(f"rows {m:4d} round {r}: ours {t_ours:7.1f} ms ({gflop / t_ours * 1e3:6.1f} GFLOP/s) | "
+                  f"{name} {t_lib:7.1f} ms ({gflop / t_lib * 1e3:6.1f} GFLOP/s) | "
+                  f"ours/library time {t_ours / t_lib:.2f}", flush=True)
 
 
 if __name__ == "__main__":

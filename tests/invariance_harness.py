@@ -7,7 +7,7 @@ every finite value and for -inf), top-N alternatives and the finish reason.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -110,3 +110,16 @@ def num_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def rows_invariant(op: Callable[[Any], Any], x: Any) -> bool:
+    """op(x[:m]) row by row equals each row computed alone, for several m and threads."""
+    import torch
+
+    alone = torch.cat([op(x[i : i + 1]) for i in range(x.shape[0])])
+    for threads in (1, 2):
+        with num_threads(threads):
+            for m in (1, 2, 7, 16, 33, x.shape[0]):
+                if not torch.equal(op(x[:m]), alone[:m]):
+                    return False
+    return True

@@ -21,7 +21,7 @@ from kernels.rope import rope_cos_sin
 # libraries choose kernels, blockings and thread splits by the row count M, and some of
 # those round a row differently (measured: MKL below 12 rows; oneDNN bf16 on AMX past ~40
 # rows); calls of one fixed shape run every row through the same code whatever the batch.
-# The CPU backend's own fp32 GEMM (ops.packed_linear) is invariant without tiles.
+# The CPU backend's own GEMMs (ops.packed_linear: fp32, bf16 on AMX) are invariant without tiles.
 DEFAULT_GEMM_TILE_ROWS = 64
 
 
@@ -153,8 +153,8 @@ class LlamaModel:
 
     def repack(self) -> None:
         """Lay the GEMM weights out once, after writing weights: for the backend's own
-        batch-invariant linear where it has one for this dtype (fp32 on the CPU ops: no
-        row tiles needed), else for oneDNN (in row tiles). A weight written in place since
+        batch-invariant linear where it has one for this dtype (on the CPU ops fp32, and
+        bf16 where the CPU has AMX: no row tiles needed), else for oneDNN (in row tiles). A weight written in place since
         (its version counter moved) falls back to F.linear in row tiles, so a stale copy
         is never used."""
         self._packed = {}

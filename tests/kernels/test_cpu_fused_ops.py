@@ -17,20 +17,9 @@ from kernels.attention_cpu import (
 )
 from kernels.rmsnorm import rms_norm_torch
 from kernels.rope import apply_rope_torch, rope_cos_sin
-from tests.invariance_harness import num_threads
+from tests.invariance_harness import rows_invariant
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def _rows_invariant(op, x: torch.Tensor) -> bool:  # type: ignore[no-untyped-def]
-    """op(x[:m]) row by row equals each row computed alone, for several m and threads."""
-    alone = torch.cat([op(x[i : i + 1]) for i in range(x.shape[0])])
-    for threads in (1, 2):
-        with num_threads(threads):
-            for m in (1, 2, 7, 16, 33, x.shape[0]):
-                if not torch.equal(op(x[:m]), alone[:m]):
-                    return False
-    return True
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -50,7 +39,7 @@ def test_rms_norm_matches_torch_and_is_row_invariant(hidden: int, dtype: torch.d
         else:
             assert torch.equal(new_r, want_r)  # the add is one rounding either way
     xr = torch.cat([x, r], dim=1)
-    assert _rows_invariant(lambda t: torch.cat(rms_norm_cpu(t[:, :hidden], w, 1e-5, t[:, hidden:]), dim=1), xr)
+    assert rows_invariant(lambda t: torch.cat(rms_norm_cpu(t[:, :hidden], w, 1e-5, t[:, hidden:]), dim=1), xr)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -65,7 +54,7 @@ def test_silu_mul_matches_exact_silu_and_is_row_invariant(inter: int, dtype: tor
     tol = {"rtol": 3e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-5}
     torch.testing.assert_close(got, want, **tol)
     assert torch.isfinite(got).all()
-    assert _rows_invariant(silu_mul_cpu, x)
+    assert rows_invariant(silu_mul_cpu, x)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -113,13 +102,13 @@ def test_packed_linear_matches_float64_and_is_row_invariant(k: int, n: int) -> N
         want = x.double() @ w.double().t() + (0 if bias is None else bias.double())
         scale = x.double().abs() @ w.double().abs().t()  # the magnitude rounding acts on
         assert ((got.double() - want).abs() <= 2e-7 * k**0.5 * scale + 1e-6).all()
-        assert _rows_invariant(lambda t: packed_linear_cpu(t, packed, bias, n), x)
+        assert rows_invariant(lambda t: packed_linear_cpu(t, packed, bias, n), x)
 
 
 def test_packed_linear_rejects_mismatched_shapes_and_other_dtypes() -> None:
     w = torch.randn(40, 24)
     packed = pack_linear_weight(w)
-    assert pack_linear_weight(w.bfloat16()) is None  # bf16 stays with oneDNN
+    assert pack_linear_weight(w.half()) is None  # fp16 stays with oneDNN (bf16: tests/kernels/test_gemm_amx.py)
     with pytest.raises(RuntimeError, match="K"):
         packed_linear_cpu(torch.randn(3, 25), packed, None, 40)
     with pytest.raises(RuntimeError, match="n does not match"):

@@ -1,0 +1,180 @@
+// bf16 linear layer y = x @ W^T (+ b) on AMX tiles, batch-invariant by construction:
+// every output element is the fp32 sum of its TDPBF16PS contributions over k-blocks of
+// 32 in ascending order (each one dot product of the row's and the column's 32 values,
+// computed by the tile unit independently of the other rows), then + bias, rounded once
+// to bf16. Rows are padded to tiles of 16 with zeros and never read each other, so a
+// row's bits do not depend on how many rows share the call, where it sits, or the
+// threads (oneDNN, which this replaces for bf16, picks kernels by the row count).
+//
+// The weight is packed once into 16-column panels of VNNI pairs, [ceil(N/16), Kp/2, 16, 2]
+// (Kp = K rounded up to 32, zeros past K and N): a panel's 32 k of one block is one 1 KB
+// tile, and a panel's tiles follow each other in k.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AE_HAVE_AMX 1
+#else
+#define AE_HAVE_AMX 0
+#endif
+
+namespace {
+
+constexpr int64_t kTile = 16;      // rows of an A or C tile, columns of a panel
+constexpr int64_t kKb = 32;        // k per tile (16 VNNI pairs)
+constexpr int64_t kRowBlock = 32;  // rows per pass: 2 A tiles x 2 panels = 4 C tiles
+constexpr int64_t kPanels = 2;     // 16-column panels per task
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+#if AE_HAVE_AMX
+// The kernel asks Linux once for the AMX tile state (a no-op when granted already).
+bool request_amx() {
+  static const bool granted = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return granted;
+}
+
+struct alignas(64) TileConfig {  // palette 1: tmm0-3 C, tmm4-5 A, tmm6-7 B, each 16 rows x 64 B
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) colsb[t] = 64, rows[t] = kTile;
+  }
+};
+
+struct AmxGemm {
+  const c10::BFloat16* x;  // [Mp, Kp] zero-padded
+  const c10::BFloat16* w;  // [P, Kp / 2, 16, 2]
+  const float* bias;       // [N] or null
+  c10::BFloat16* y;        // [M, N]
+  int64_t m, n, kp, mp;
+
+  const c10::BFloat16* panel(int64_t p) const { return w + p * kp * kTile; }
+
+  // Rows [r0, r0 + 32) x panels [p0, p0 + 2) over all k: C tiles (row half i, panel j)
+  // live in tmm(2i + j); fetch (may be empty) is hinted into L2 a share per k-block.
+  void pass(int64_t r0, int64_t p0, const char* fetch, int64_t fetch_lines, float* c) const {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const int64_t blocks = kp / kKb, lda = kp * 2;
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t l = fetch_lines * b / blocks; l < fetch_lines * (b + 1) / blocks; ++l)
+        __builtin_prefetch(fetch + l * 64, 0, 2);
+      _tile_loadd(4, x + r0 * kp + b * kKb, lda);
+      _tile_loadd(5, x + (r0 + kTile) * kp + b * kKb, lda);
+      _tile_loadd(6, panel(p0) + b * kKb * kTile, 64);
+      _tile_loadd(7, panel(p0 + 1) + b * kKb * kTile, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c, kPanels * kTile * 4);
+    _tile_stored(1, c + kTile, kPanels * kTile * 4);
+    _tile_stored(2, c + kTile * kPanels * kTile, kPanels * kTile * 4);
+    _tile_stored(3, c + kTile * kPanels * kTile + kTile, kPanels * kTile * 4);
+  }
+
+  // c [32, 32] fp32 -> y rows r0.., columns p0 * 16.. (+ bias), rounded to bf16.
+  void write(int64_t r0, int64_t p0, const float* c) const {
+    const int64_t c0 = p0 * kTile, cols = std::min<int64_t>(kPanels * kTile, n - c0);
+    const __mmask32 keep = cols >= 32 ? ~__mmask32(0) : (__mmask32(1) << cols) - 1;
+    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+    if (bias) {
+      b0 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(keep), bias + c0);
+      b1 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(keep >> 16), bias + c0 + kTile);
+    }
+    for (int64_t r = 0; r < kRowBlock && r0 + r < m; ++r) {
+      const __m512 lo = _mm512_add_ps(_mm512_loadu_ps(c + r * 32), b0);
+      const __m512 hi = _mm512_add_ps(_mm512_loadu_ps(c + r * 32 + kTile), b1);
+      const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);  // round to nearest even
+      _mm512_mask_storeu_epi16(y + (r0 + r) * n + c0, keep, (__m512i)v);
+    }
+  }
+};
+#endif
+
+bool amx_available() {
+#if AE_HAVE_AMX
+  return request_amx();
+#else
+  return false;
+#endif
+}
+
+at::Tensor pack_weight_bf16(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16, "weight must be bf16 [N, K]");
+  const at::Tensor wc = w.contiguous();
+  const int64_t n = wc.size(0), k = wc.size(1), panels = round_up(n, kPanels * kTile) / kTile;
+  const int64_t kp = round_up(k, kKb);
+  at::Tensor packed = at::zeros({panels, kp / 2, kTile, 2}, wc.options());
+  const c10::BFloat16* src = wc.data_ptr<c10::BFloat16>();
+  c10::BFloat16* dst = packed.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t c = 0; c < kTile && p * kTile + c < n; ++c)
+        for (int64_t j = 0; j < k; ++j) dst[((p * kp / 2 + j / 2) * kTile + c) * 2 + j % 2] = src[(p * kTile + c) * k + j];
+  });
+  return packed;
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias, int64_t n) {
+  TORCH_CHECK(amx_available(), "this CPU or build has no AMX-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be bf16 [M, K]");
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
+              packed.size(2) == kTile && packed.size(3) == 2 && packed.size(1) * 2 == round_up(x.size(1), kKb),
+              "packed weight must be [P, Kp / 2, 16, 2] for x's K");
+  TORCH_CHECK(n > 0 && round_up(n, kPanels * kTile) / kTile == packed.size(0), "n does not match the packed weight");
+  if (bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat &&
+                        bias->is_contiguous(), "bias must be contiguous fp32 [N]");
+  const int64_t m = x.size(0), k = x.size(1), kp = packed.size(1) * 2, mp = round_up(std::max<int64_t>(m, 1), kRowBlock);
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0) return y;
+#if AE_HAVE_AMX
+  // x, zero-padded to whole tiles (a row's values are the same wherever it lands).
+  at::Tensor xp = at::zeros({mp, kp}, x.options());
+  xp.narrow(0, 0, m).narrow(1, 0, k).copy_(x);
+  const AmxGemm g{xp.data_ptr<c10::BFloat16>(), packed.data_ptr<c10::BFloat16>(),
+                  bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<c10::BFloat16>(), m, n, kp, mp};
+  const int64_t tasks = packed.size(0) / kPanels, task_lines = kPanels * kp * kTile * 2 / 64;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    const TileConfig cfg;
+    _tile_loadconfig(&cfg);
+    alignas(64) float c[kRowBlock * kPanels * kTile];
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t r0 = 0; r0 < mp; r0 += kRowBlock) {
+        // During the first row pass, the thread's next panels are fetched into L2.
+        const bool ahead = r0 == 0 && t + 1 < t1;
+        const auto* next = reinterpret_cast<const char*>(g.panel((ahead ? t + 1 : t) * kPanels));
+        g.pass(r0, t * kPanels, next, ahead ? task_lines : 0, c);
+        g.write(r0, t * kPanels, c);
+      }
+    _tile_release();
+  });
+#endif
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(asyncengine_cpu, m) {
+  m.def("amx_available() -> bool", &amx_available);
+  m.def("pack_linear_weight_bf16(Tensor w) -> Tensor", &pack_weight_bf16);
+  m.def("packed_linear_bf16(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor", &linear_bf16);
+}
