@@ -5,6 +5,8 @@
 // to bf16. Rows are padded to tiles of 16 with zeros and never read each other, so a
 // row's bits do not depend on how many rows share the call, where it sits, or the
 // threads (oneDNN, which this replaces for bf16, picks kernels by the row count).
+// As the tile unit and the bf16 conversion do, subnormal inputs count as zero and
+// subnormal results flush to zero: the same for every row, so invariance holds.
 //
 // The weight is packed once into 16-column panels of VNNI pairs, [ceil(N/16), Kp/2, 16, 2]
 // (Kp = K rounded up to 32, zeros past K and N): a panel's 32 k of one block is one 1 KB
