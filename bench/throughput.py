@@ -11,11 +11,17 @@ right before and one right after our run), divided into the workload's
 
     python bench/throughput.py                     # both workloads, fp32 and bf16 (long)
     python bench/throughput.py --dtypes float32 --workloads prefill --scale 0.25
+    python bench/throughput.py --workloads decode --rounds 3   # ours and HF alternate
+
+This machine's speed drifts by tens of percent within minutes, so one run's ratio says
+as much about when each side ran as about the code; --rounds N alternates ours and HF N
+times and ends with the median of the rounds' ratios.
 """
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,6 +63,9 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 def run_ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
     sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], sp.with_options(max_tokens=4), use_tqdm=False)  # warm-up
+    # Nothing measured may hit blocks cached by the warm-up or an earlier round: every
+    # prompt is computed, as HF computes it.
+    llm.engine.reset_prefix_cache()
     t = time.perf_counter()
     results = llm.generate(prompts, sp, use_tqdm=False)
     dt = time.perf_counter() - t
@@ -91,6 +100,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--non-deterministic", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate ours and HF this many times")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -103,24 +113,34 @@ def main() -> None:
         for name, (prompts, new) in workloads(a.scale, llm.engine.model_info.vocab_size).items():
             if name not in a.workloads.split(","):
                 continue
-            # This machine's speed drifts by tens of percent within minutes: the roofline
-            # takes the mean of a matmul measured right before and right after our run.
-            before = matmul_gflops(DTYPES[dtype_name])
-            ours = run_ours(llm, prompts, new)
-            after = matmul_gflops(DTYPES[dtype_name])
-            gflops = (before + after) / 2
-            print(f"  {name:8s} matmul 2048^3: {before:.1f} GFLOP/s before, {after:.1f} after", flush=True)
-            tokens = sum(len(p) for p in prompts) + len(prompts) * new
-            roof = 2 * params * tokens / 1e9 / gflops  # seconds at peak
-            ours_time = len(prompts) * new / ours
-            line = (f"  {name:8s} {len(prompts)} prompts x {new} new: ours {ours:7.1f} tok/s, "
-                    f"roofline {100 * roof / ours_time:5.1f}%")
-            if not a.skip_hf:
-                hf = run_hf(model_dir, DTYPES[dtype_name], prompts, new)
-                hf_time = len(prompts) * new / hf
-                line += f" | HF {hf:6.1f} tok/s ({100 * roof / hf_time:5.1f}% roofline) | ratio {ours / hf:5.2f}x"
-            print(line, flush=True)
+            ratios = [measure(a, llm, model_dir, dtype_name, params, name, prompts, new) for _ in range(a.rounds)]
+            if a.rounds > 1 and not a.skip_hf:
+                print(f"  {name:8s} median ratio over {a.rounds} rounds: {statistics.median(ratios):5.2f}x "
+                      f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
         del llm
+
+
+def measure(a: argparse.Namespace, llm: LLM, model_dir: Path, dtype_name: str, params: int, name: str,
+            prompts: list[list[int]], new: int) -> float:
+    """One round: ours (the roofline's matmul measured right before and right after it),
+    then HF; prints the line and returns ours / HF (0.0 with --skip-hf)."""
+    before = matmul_gflops(DTYPES[dtype_name])
+    ours = run_ours(llm, prompts, new)
+    after = matmul_gflops(DTYPES[dtype_name])
+    gflops = (before + after) / 2
+    print(f"  {name:8s} matmul 2048^3: {before:.1f} GFLOP/s before, {after:.1f} after", flush=True)
+    tokens = sum(len(p) for p in prompts) + len(prompts) * new
+    roof = 2 * params * tokens / 1e9 / gflops  # seconds at peak
+    ours_time = len(prompts) * new / ours
+    line = (f"  {name:8s} {len(prompts)} prompts x {new} new: ours {ours:7.1f} tok/s, "
+            f"roofline {100 * roof / ours_time:5.1f}%")
+    if a.skip_hf:
+        print(line, flush=True)
+        return 0.0
+    hf = run_hf(model_dir, DTYPES[dtype_name], prompts, new)
+    hf_time = len(prompts) * new / hf
+    print(line + f" | HF {hf:6.1f} tok/s ({100 * roof / hf_time:5.1f}% roofline) | ratio {ours / hf:5.2f}x", flush=True)
+    return ours / hf
 
 
 if __name__ == "__main__":
