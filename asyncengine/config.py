@@ -43,7 +43,8 @@ class EngineConfig:
     # Rows per BLAS GEMM call in deterministic mode (models/llama.py): linear layers that a
     # BLAS library runs (bf16; the torch backend) take calls of exactly this many rows, the
     # last zero-padded, so a row's bits do not depend on the batch. Larger tiles run big
-    # batches faster and small ones slower. (The CPU backend's own GEMMs, fp32 and bf16 on AMX, need none.)
+    # batches faster and small ones slower. (The CPU backend's own GEMMs, fp32 and bf16
+    # on AMX, need none.)
     gemm_tile_rows: int = 64
     # Which implementation of the hot ops runs: auto = Triton on CUDA; on CPU the compiled
     # CPU attention op (kernels/attention_cpu.py) with torch for the rest, or plain torch

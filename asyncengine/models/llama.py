@@ -154,9 +154,9 @@ class LlamaModel:
     def repack(self) -> None:
         """Lay the GEMM weights out once, after writing weights: for the backend's own
         batch-invariant linear where it has one for this dtype (on the CPU ops fp32, and
-        bf16 where the CPU has AMX: no row tiles needed), else for oneDNN (in row tiles). A weight written in place since
-        (its version counter moved) falls back to F.linear in row tiles, so a stale copy
-        is never used."""
+        bf16 where the CPU has AMX: no row tiles needed), else for oneDNN (in row tiles).
+        A weight written in place since (its version counter moved) falls back to
+        F.linear in row tiles, so a stale copy is never used."""
         self._packed = {}
         for w in self.gemm_weights():
             own = self.ops.pack_linear(w) if self.ops.pack_linear is not None else None

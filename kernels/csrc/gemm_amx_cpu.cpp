@@ -36,6 +36,7 @@ constexpr int64_t kTile = 16;      // rows of an A or C tile, columns of a panel
 constexpr int64_t kKb = 32;        // k per tile (16 VNNI pairs)
 constexpr int64_t kRowBlock = 32;  // rows per pass: 2 A tiles x 2 panels = 4 C tiles
 constexpr int64_t kPanels = 2;     // 16-column panels per task
+constexpr int64_t kCols = kPanels * kTile;  // columns per task
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -63,7 +64,7 @@ struct AmxGemm {
   const c10::BFloat16* w;  // [P, Kp / 2, 16, 2]
   const float* bias;       // [N] or null
   c10::BFloat16* y;        // [M, N]
-  int64_t m, n, kp, mp;
+  int64_t m, n, kp;
 
   const c10::BFloat16* panel(int64_t p) const { return w + p * kp * kTile; }
 
@@ -87,24 +88,25 @@ struct AmxGemm {
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_stored(0, c, kPanels * kTile * 4);
-    _tile_stored(1, c + kTile, kPanels * kTile * 4);
-    _tile_stored(2, c + kTile * kPanels * kTile, kPanels * kTile * 4);
-    _tile_stored(3, c + kTile * kPanels * kTile + kTile, kPanels * kTile * 4);
+    constexpr int64_t ldc = kCols * sizeof(float);  // c is [32, kCols] fp32
+    _tile_stored(0, c, ldc);
+    _tile_stored(1, c + kTile, ldc);
+    _tile_stored(2, c + kTile * kCols, ldc);
+    _tile_stored(3, c + kTile * kCols + kTile, ldc);
   }
 
-  // c [32, 32] fp32 -> y rows r0.., columns p0 * 16.. (+ bias), rounded to bf16.
+  // c [32, kCols] fp32 -> y rows r0.., columns p0 * 16.. (+ bias), rounded to bf16.
   void write(int64_t r0, int64_t p0, const float* c) const {
-    const int64_t c0 = p0 * kTile, cols = std::min<int64_t>(kPanels * kTile, n - c0);
-    const __mmask32 keep = cols >= 32 ? ~__mmask32(0) : (__mmask32(1) << cols) - 1;
+    const int64_t c0 = p0 * kTile, cols = std::min<int64_t>(kCols, n - c0);
+    const __mmask32 keep = cols >= kCols ? ~__mmask32(0) : (__mmask32(1) << cols) - 1;
     __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
     if (bias) {
       b0 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(keep), bias + c0);
       b1 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(keep >> 16), bias + c0 + kTile);
     }
     for (int64_t r = 0; r < kRowBlock && r0 + r < m; ++r) {
-      const __m512 lo = _mm512_add_ps(_mm512_loadu_ps(c + r * 32), b0);
-      const __m512 hi = _mm512_add_ps(_mm512_loadu_ps(c + r * 32 + kTile), b1);
+      const __m512 lo = _mm512_add_ps(_mm512_loadu_ps(c + r * kCols), b0);
+      const __m512 hi = _mm512_add_ps(_mm512_loadu_ps(c + r * kCols + kTile), b1);
       const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);  // round to nearest even
       _mm512_mask_storeu_epi16(y + (r0 + r) * n + c0, keep, (__m512i)v);
     }
@@ -123,7 +125,7 @@ bool amx_available() {
 at::Tensor pack_weight_bf16(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16, "weight must be bf16 [N, K]");
   const at::Tensor wc = w.contiguous();
-  const int64_t n = wc.size(0), k = wc.size(1), panels = round_up(n, kPanels * kTile) / kTile;
+  const int64_t n = wc.size(0), k = wc.size(1), panels = round_up(n, kCols) / kTile;
   const int64_t kp = round_up(k, kKb);
   at::Tensor packed = at::zeros({panels, kp / 2, kTile, 2}, wc.options());
   const c10::BFloat16* src = wc.data_ptr<c10::BFloat16>();
@@ -142,7 +144,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
               packed.size(2) == kTile && packed.size(3) == 2 && packed.size(1) * 2 == round_up(x.size(1), kKb),
               "packed weight must be [P, Kp / 2, 16, 2] for x's K");
-  TORCH_CHECK(n > 0 && round_up(n, kPanels * kTile) / kTile == packed.size(0), "n does not match the packed weight");
+  TORCH_CHECK(n > 0 && round_up(n, kCols) / kTile == packed.size(0), "n does not match the packed weight");
   if (bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat &&
                         bias->is_contiguous(), "bias must be contiguous fp32 [N]");
   const int64_t m = x.size(0), k = x.size(1), kp = packed.size(1) * 2, mp = round_up(std::max<int64_t>(m, 1), kRowBlock);
@@ -153,12 +155,12 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
   at::Tensor xp = at::zeros({mp, kp}, x.options());
   xp.narrow(0, 0, m).narrow(1, 0, k).copy_(x);
   const AmxGemm g{xp.data_ptr<c10::BFloat16>(), packed.data_ptr<c10::BFloat16>(),
-                  bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<c10::BFloat16>(), m, n, kp, mp};
+                  bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<c10::BFloat16>(), m, n, kp};
   const int64_t tasks = packed.size(0) / kPanels, task_lines = kPanels * kp * kTile * 2 / 64;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     const TileConfig cfg;
     _tile_loadconfig(&cfg);
-    alignas(64) float c[kRowBlock * kPanels * kTile];
+    alignas(64) float c[kRowBlock * kCols];
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t r0 = 0; r0 < mp; r0 += kRowBlock) {
         // During the first row pass, the thread's next panels are fetched into L2.

@@ -16,6 +16,7 @@ struct PagedCache {
   const T* base;
   int64_t s_block, s_slot, s_head, s_d;
   int64_t block_size;
+  static constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));  // elements per cache line
   const T* at(const int64_t* table, int64_t j, int64_t head) const {
     return base + table[j / block_size] * s_block + (j % block_size) * s_slot + head * s_head;
   }
@@ -35,13 +36,14 @@ struct PagedCache {
   }
   // Hint one key's D contiguous elements (s_d == 1) into L2.
   void prefetch_row(const T* row, int64_t D) const {
-    for (int64_t e = 0; e < D; e += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(row + e, 0, 2);
+    for (int64_t e = 0; e < D; e += kLine) __builtin_prefetch(row + e, 0, 2);
   }
   // Collect the cache lines of one key's D elements (contiguous when s_d == 1).
   template <typename L>
   void row_lines(const int64_t* table, int64_t j, int64_t head, int64_t D, L& lines) const {
     if (s_d != 1) return;
-    for (int64_t e = 0; e < D; e += 64 / static_cast<int64_t>(sizeof(T))) lines.add(at(table, j, head) + e);
+    const T* row = at(table, j, head);
+    for (int64_t e = 0; e < D; e += kLine) lines.add(row + e);
   }
 };
 
@@ -72,7 +74,7 @@ struct Item {
 
 // Query tiles of a bounded number of rows, so that a long chunk spreads over threads
 // and each key chunk, once transposed, serves many rows.
-std::vector<Item> make_items(const int64_t* qsl, int64_t num_seqs, int64_t num_kv_heads, int64_t group,
+inline std::vector<Item> make_items(const int64_t* qsl, int64_t num_seqs, int64_t num_kv_heads, int64_t group,
                              const int64_t* lens) {
   const int64_t tile = std::max<int64_t>(1, 48 / group);
   std::vector<std::pair<int64_t, Item>> costed;

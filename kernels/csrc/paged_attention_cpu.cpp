@@ -43,7 +43,7 @@ struct Worker {
   std::vector<T> kt;            // [D, 16] keys of one chunk, transposed (slow layouts only)
   std::vector<float> scores;    // [rows, width]
   std::vector<float> den;       // [rows]
-  LineQueue ahead;                  // cache lines to fetch while computing
+  LineQueue ahead;              // cache lines to fetch while computing
   static constexpr int64_t kKeysAhead = 2 * kLanes;
   // How far ahead the values pass fetches: kKeysAhead rounded up to whole blocks.
   int64_t values_ahead() const { return (kKeysAhead + V.block_size - 1) / V.block_size * V.block_size; }
