@@ -43,6 +43,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="directory that /update_weights may read safetensors paths from")
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
+    from asyncengine.distributed.serve import add_replica_args
+
+    add_replica_args(parser)
 
 
 def create_app(
@@ -166,6 +169,10 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> None:
     if getattr(args, "max_waiting", None) is not None:
         config = config.with_options(max_waiting=args.max_waiting)
     use_uvloop = not getattr(args, "no_uvloop", False)
+    from asyncengine.distributed.serve import serve_replicated, wants_replicas
+
+    if wants_replicas(args):  # N engines as Ray actors behind one front
+        return serve_replicated(args, config, args.served_model_name)
     engine = AsyncEngine.from_config(config)
     names = args.served_model_name or [args.model if args.model else engine.core.model_dir.name]
     max_body = int(getattr(args, "max_body_mb", DEFAULT_MAX_BODY_BYTES / 2**20) * 2**20)

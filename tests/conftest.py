@@ -17,6 +17,7 @@ ARCHS = ("llama", "qwen2", "qwen3")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "real_model: uses the default SmolLM2-135M-Instruct checkpoint (slower)")
+    config.addinivalue_line("markers", "ray: starts a local Ray cluster (replicas as actors)")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,122 @@
+"""Two tiny-model replicas as Ray actors on a local cluster (2 CPUs) behind one front:
+routing and stickiness, fan-out with versions in lockstep, a killed replica survived."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import pytest_asyncio
+import torch
+
+ray = pytest.importorskip("ray")
+from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
+
+from asyncengine.config import EngineConfig  # noqa: E402
+from asyncengine.distributed.front import Front  # noqa: E402
+from asyncengine.distributed.group import GroupOptions, ReplicaGroup  # noqa: E402
+from tests.tiny_models import load_hf  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.asyncio(loop_scope="module")]
+KEY = "admin-secret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+GREEDY = {"max_tokens": 6, "temperature": 0, "logprobs": 1}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def front(llama_dir: Path) -> AsyncIterator[tuple[Front, TestClient]]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    config = EngineConfig(model=str(llama_dir), num_kv_blocks=128, max_model_len=256, num_threads=1)
+    group = await ReplicaGroup.start(config, GroupOptions(num_replicas=2, num_cpus_per_replica=1), ["tiny"])
+    from transformers import AutoTokenizer
+
+    fr = Front(group, AutoTokenizer.from_pretrained(str(llama_dir)), block_size=16, admin_key=KEY)
+    client = TestClient(TestServer(fr.app()))
+    await client.start_server()
+    try:
+        yield fr, client
+    finally:
+        await client.close()
+        await group.shutdown()
+        ray.shutdown()
+
+
+async def _complete(client: TestClient, body: dict[str, Any], headers: dict[str, str] | None = None
+                    ) -> tuple[int, Any, str]:
+    resp = await client.post("/v1/completions", json={"model": "tiny", **GREEDY, **body}, headers=headers)
+    return resp.status, orjson.loads(await resp.read()), resp.headers.get("X-Replica", "")
+
+
+async def test_every_endpoint_is_proxied_and_sessions_stick(front: tuple[Front, TestClient]) -> None:
+    fr, client = front
+    resp = await client.get("/v1/models")
+    assert resp.status == 200 and (await resp.json())["data"][0]["id"] == "tiny"
+    homes = {}
+    for sid in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta"):
+        seen = {(await _complete(client, {"prompt": "Hello world"}, {"X-Session-ID": sid}))[2] for _ in range(3)}
+        assert len(seen) == 1, f"session {sid} moved between replicas: {seen}"
+        homes[sid] = seen.pop()
+    assert set(homes.values()) == {"0", "1"}, "sessions spread over both replicas"
+    status, body, _ = await _complete(client, {"prompt": "x", "max_tokens": -3})
+    assert status == 400 and body["error"]["param"] == "max_tokens", "the replica's own 4xx comes through"
+
+
+async def test_prefix_routing_and_streaming(front: tuple[Front, TestClient]) -> None:
+    fr, client = front
+    prompt = list(range(3, 3 + 40))  # two full blocks of 16
+    _, ref, where = await _complete(client, {"prompt": prompt})
+    for _ in range(3):
+        _, again, there = await _complete(client, {"prompt": prompt + [50, 51]})
+        assert there == where, "the same leading blocks go where they are cached"
+    resp = await client.post("/v1/completions", json={"model": "tiny", **GREEDY, "prompt": prompt, "stream": True})
+    raw = (await resp.read()).decode()
+    events = [e[6:] for e in raw.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    text = "".join(orjson.loads(e)["choices"][0]["text"] for e in events[:-1])
+    assert text == ref["choices"][0]["text"]
+    metrics = (await (await client.get("/metrics")).read()).decode()
+    assert f'asyncengine_replica_prefix_routed{{replica="{where}"}} 4.0' in metrics
+
+
+async def test_weight_update_fans_out_in_lockstep(front: tuple[Front, TestClient], llama_dir: Path) -> None:
+    fr, client = front
+    hf = load_hf(llama_dir)
+    state = {k: v * 1.01 if v.is_floating_point() else v for k, v in hf.state_dict().items()}
+    from safetensors.torch import save
+
+    body = save({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"})
+    resp = await client.post("/update_weights?mode=keep", data=body,
+                             headers={**AUTH, "Content-Type": "application/octet-stream"})
+    assert resp.status == 200, await resp.text()
+    version = (await resp.json())["weight_version"]
+    versions = await fr.group.call_all("weight_version")
+    assert versions == [version, version], f"replicas out of lockstep: {versions}"
+    checks = await client.get("/weight_checksums", headers=AUTH)
+    assert checks.status == 200
+    bad = save({"model.embed_tokens.weight": torch.zeros(3, 3)})
+    resp = await client.post("/update_weights", data=bad, headers={**AUTH, "Content-Type": "application/octet-stream"})
+    assert resp.status == 400 and await fr.group.call_all("weight_version") == [version, version]
+    assert (await client.post("/pause", headers={"Authorization": "Bearer wrong"})).status == 403
+
+
+async def test_a_killed_replica_is_survived_and_replaced(front: tuple[Front, TestClient]) -> None:
+    fr, client = front
+    victim = fr.group.replicas[0]
+    version = fr.group.weight_version
+    ray.kill(victim.actor, no_restart=True)
+    for _ in range(4):  # nothing streamed yet: retried on the survivor
+        status, body, where = await _complete(client, {"prompt": "Hello world"})
+        assert status == 200 and where == "1", body
+    health = await (await client.get("/health")).json()
+    assert health["status"] in ("degraded", "ok")
+    for _ in range(240):  # the replacement loads in the background
+        if (await (await client.get("/health")).json())["status"] == "ok":
+            break
+        await asyncio.sleep(0.5)
+    assert (await (await client.get("/health")).json())["status"] == "ok", "no replacement joined"
+    assert await fr.group.call_all("weight_version") == [version, version]
+    sums = await fr.group.call_all("weight_checksums")
+    assert sums[0] == sums[1], "the replacement serves the group's current weights"
