@@ -5,7 +5,9 @@ actors behind the front) run on the same workload in the same run, alternating: 
 of random token ids that share one of a few system prefixes (so prefix routing matters),
 fixed output length, ignore_eos, seeded sampling, at most C streams in flight. Prints
 output tokens/s and the prefix-cache hit rate (hit tokens / queried prompt tokens, from
-/metrics) of each, and their ratio.
+/metrics) of each, their ratio, and the time of one weight update from the checkpoint
+(one server: read + swap; replicas: read once at the front, one object-store put,
+pause all -> swap all -> resume all).
 
     python bench/replicas.py                          # default model, 2 threads
     python bench/replicas.py --model /path/to/ckpt --num-requests 32 --rounds 2
@@ -25,6 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import server_process  # noqa: E402  (bench/, beside this script)
+
+import orjson  # noqa: E402
 
 from api.client import AsyncClient  # noqa: E402
 
@@ -67,33 +71,50 @@ def hit_rate(after: str, before: str) -> float:
     return hits / queries if queries else 0.0
 
 
-async def measure(flags: list[str], prompts: list[list[int]], a: argparse.Namespace, log: Path) -> tuple[float, float]:
+def _post(url: str, body: bytes = b"") -> float:
+    """POST an admin call; return its seconds."""
     import urllib.request
 
-    proc, url = server_process.start_server([*flags, "--admin-key", KEY], log)
+    req = urllib.request.Request(url, method="POST", data=body, headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    urllib.request.urlopen(req, timeout=600).close()
+    return time.perf_counter() - t0
+
+
+async def measure(flags: list[str], prompts: list[list[int]], a: argparse.Namespace, log: Path
+                  ) -> tuple[float, float, float]:
+    """(output tokens/s, prefix hit rate, seconds of one weight update from the checkpoint)."""
+    import urllib.request
+
+    model_dir = a.model_dir
+    proc, url = server_process.start_server([*flags, "--admin-key", KEY, "--allowed-weights-dir", model_dir], log)
     try:
         await drive(url, prompts[:4], a)  # warm-up (compiles nothing, but pages the weights in)
         # The warm-up cached the prefixes the measured prompts share: drop them, on every replica.
-        reset = urllib.request.Request(url + "/reset_prefix_cache", method="POST", data=b"",
-                                       headers={"Authorization": f"Bearer {KEY}"})
-        urllib.request.urlopen(reset, timeout=60).close()
+        _post(url + "/reset_prefix_cache")
         with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
             before = r.read().decode()
         secs, tokens = await drive(url, prompts, a)
         with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
             after = r.read().decode()
-        return tokens / secs, hit_rate(after, before)
+        update_s = _post(url + "/update_weights", orjson.dumps({"path": model_dir, "mode": "keep"}))
+        return tokens / secs, hit_rate(after, before), update_s
     finally:
         proc.terminate()
         proc.wait(60)
 
 
-def _vocab_size(model: str | None) -> int:
-    from transformers import AutoConfig
-
+def _model_dir(model: str | None) -> str:
     from asyncengine.model_files import resolve_model
 
-    return int(AutoConfig.from_pretrained(str(resolve_model(model))).vocab_size)
+    return str(resolve_model(model))
+
+
+def _vocab_size(model_dir: str) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_dir).vocab_size)
 
 
 def main() -> int:
@@ -112,7 +133,8 @@ def main() -> int:
     model = ["--model", a.model] if a.model else []
     one = [*model, "--num-threads", str(a.threads)]
     many = [*model, "--replicas", str(a.threads), "--num-cpus-per-replica", "1", "--num-threads", "1"]
-    prompts = make_prompts(a, vocab=_vocab_size(a.model))
+    a.model_dir = _model_dir(a.model)
+    prompts = make_prompts(a, vocab=_vocab_size(a.model_dir))
     logs = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
     ratios = []
     for r in range(a.rounds):
@@ -122,8 +144,9 @@ def main() -> int:
         got = {}
         for name, flags in order:
             got[name] = asyncio.run(measure(flags, prompts, a, logs / f"{name}-{r}.log"))
-            print(f"round {r + 1} {name:>4}: {got[name][0]:7.1f} tok/s, prefix hit rate {got[name][1]:.1%}",
-                  flush=True)
+            tps, rate, update_s = got[name]
+            print(f"round {r + 1} {name:>4}: {tps:7.1f} tok/s, prefix hit rate {rate:.1%}, "
+                  f"weight update {update_s * 1e3:.0f} ms", flush=True)
         ratios.append(got["%dx1" % a.threads][0] / got["1x%d" % a.threads][0])
     print(f"replicas / threads tokens/s: {' '.join(f'{x:.2f}' for x in ratios)} (median {statistics.median(ratios):.2f})")
     return 0

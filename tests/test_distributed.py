@@ -102,6 +102,36 @@ async def test_weight_update_fans_out_in_lockstep(front: tuple[Front, TestClient
     assert (await client.post("/pause", headers={"Authorization": "Bearer wrong"})).status == 403
 
 
+async def _wait_until_whole(client: TestClient) -> None:
+    for _ in range(240):  # a replacement loads in the background
+        if (await (await client.get("/health")).json())["status"] == "ok":
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError("no replacement joined")
+
+
+async def test_a_replica_killed_mid_stream_ends_its_stream_with_an_error(front: tuple[Front, TestClient]) -> None:
+    fr, client = front
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    resp = await client.post("/v1/completions", json=body)
+    index = int(resp.headers["X-Replica"])
+    first = await resp.content.readuntil(b"\n\n")
+    assert first.startswith(b"data: {")
+    victim = fr.group.replicas[index].actor
+    await victim.pause.remote("keep")  # the stream stalls: the kill below lands mid-stream
+    ray.kill(victim, no_restart=True)
+    rest = (await resp.read()).decode()
+    events = [e for e in rest.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    err = orjson.loads(events[-2][6:])
+    assert err["error"]["code"] == "replica_failed" and err["error"]["type"] == "server_error"
+    health = await (await client.get("/health")).json()
+    assert health["status"] in ("degraded", "ok")
+    status, _, where = await _complete(client, {"prompt": "Hello world"})
+    assert status == 200 and where == str(1 - index), "the router stopped sending to it"
+    await _wait_until_whole(client)
+
+
 async def test_a_killed_replica_is_survived_and_replaced(front: tuple[Front, TestClient]) -> None:
     fr, client = front
     victim = fr.group.replicas[0]
@@ -111,12 +141,8 @@ async def test_a_killed_replica_is_survived_and_replaced(front: tuple[Front, Tes
         status, body, where = await _complete(client, {"prompt": "Hello world"})
         assert status == 200 and where == "1", body
     health = await (await client.get("/health")).json()
-    assert health["status"] in ("degraded", "ok")
-    for _ in range(240):  # the replacement loads in the background
-        if (await (await client.get("/health")).json())["status"] == "ok":
-            break
-        await asyncio.sleep(0.5)
-    assert (await (await client.get("/health")).json())["status"] == "ok", "no replacement joined"
+    assert health["status"] == "degraded" and not health["replicas"][0]["up"]
+    await _wait_until_whole(client)
     assert await fr.group.call_all("weight_version") == [version, version]
     sums = await fr.group.call_all("weight_checksums")
     assert sums[0] == sums[1], "the replacement serves the group's current weights"
