@@ -43,13 +43,21 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="directory that /update_weights may read safetensors paths from")
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
+    from api.tools.parsers import PARSERS
+
+    parser.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                        help="parser of tool calls in chat replies (api/tools; default: chosen by the chat template)")
+    parser.add_argument("--strict-request-fields", action="store_true",
+                        help="answer unknown request fields with 400 instead of ignoring them with a warning")
 
 
 def create_app(
     engine: AsyncEngine, served_model_names: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    shutdown_engine: bool = False,
+    shutdown_engine: bool = False, tool_call_parser: str | None = None, strict_request_fields: bool = False,
 ) -> web.Application:
-    """The aiohttp application serving `engine`; with shutdown_engine the app's cleanup stops it."""
+    """The aiohttp application serving `engine`; with shutdown_engine the app's cleanup stops it.
+    `tool_call_parser` names a parser of api/tools (None: chosen by the chat template);
+    `strict_request_fields` answers unknown request fields with 400 instead of ignoring them."""
     from api.generation import GenerationHandler
     from api.metrics import Metrics
 
@@ -59,10 +67,13 @@ def create_app(
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_error_middleware(metrics)])
     app[ENGINE_KEY] = engine
     app[METRICS_KEY] = metrics
-    gen = GenerationHandler(engine, metrics, names)
+    from api.tito import TitoHandler
+
+    gen = GenerationHandler(engine, metrics, names, strict_request_fields, tool_call_parser)
     info = _Info(engine, names)
     app.router.add_post("/v1/completions", gen.completions)
     app.router.add_post("/v1/chat/completions", gen.chat)
+    app.router.add_post("/inference/v1/generate", TitoHandler(gen).generate)
     app.router.add_get("/v1/models", info.models)
     app.router.add_get("/health", info.health)
     app.router.add_get("/metrics", info.metrics(metrics))
@@ -169,7 +180,9 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> None:
     engine = AsyncEngine.from_config(config)
     names = args.served_model_name or [args.model if args.model else engine.core.model_dir.name]
     max_body = int(getattr(args, "max_body_mb", DEFAULT_MAX_BODY_BYTES / 2**20) * 2**20)
-    app = create_app(engine, names, max_body, shutdown_engine=True)
+    app = create_app(engine, names, max_body, shutdown_engine=True,
+                     tool_call_parser=getattr(args, "tool_call_parser", None),
+                     strict_request_fields=getattr(args, "strict_request_fields", False))
     _add_admin(app, engine, args)
     loop = _new_loop(use_uvloop)
     log.info("serving %s on http://%s:%d (event loop: %s)", names[0], args.host, args.port, type(loop).__module__)
