@@ -168,8 +168,9 @@ class GenerationRequest:
         if max_tokens is None:
             max_tokens = limit - prompt_len
             if max_tokens < 1:
-                raise bad(
-                    f"This model's maximum context length is {limit} tokens; the prompt has {prompt_len}.",
+                raise bad(  # vLLM's words: clients match on "maximum context length"
+                    f"This model's maximum context length is {limit} tokens. However, your request has "
+                    f"{prompt_len} input tokens. Please reduce the length of the input messages.",
                     "prompt", "context_length_exceeded",
                 )
         seed = None if self.seed is None else self.seed + choice
