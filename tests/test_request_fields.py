@@ -166,3 +166,14 @@ async def test_openai_package_extra_fields_and_include_usage(client: TestClient)
         model=MODEL, messages=USER, max_tokens=4, stream=True, stream_options={"include_usage": True})]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
     assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_serve_flags() -> None:
+    from asyncengine.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--tool-call-parser", "hermes", "--strict-request-fields"])
+    assert args.tool_call_parser == "hermes" and args.strict_request_fields
+    args = build_parser().parse_args(["serve"])
+    assert args.tool_call_parser is None and not args.strict_request_fields
+    with pytest.raises(SystemExit):  # only registered parsers
+        build_parser().parse_args(["serve", "--tool-call-parser", "nope"])
