@@ -13,24 +13,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from api.protocol import IGNORED_FIELDS_HEADER
 from api.server import create_app
 from asyncengine.async_engine import AsyncEngine
-from tests.test_server import MODEL, TEXT, make_engine, post
+from tests.test_server import MODEL, TEXT, client, engine, post  # noqa: F401 (fixtures)
 from tests.tiny_models import CHATML, load_hf
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "Hello world!"}]
-
-
-@pytest.fixture(scope="module")
-def engine(llama_dir: Path):
-    eng = make_engine(llama_dir)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture
-async def client(engine: AsyncEngine):
-    async with TestClient(TestServer(create_app(engine, [MODEL]))) as c:
-        yield c
 
 
 @pytest.fixture

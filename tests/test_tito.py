@@ -12,24 +12,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from api.protocol import IGNORED_FIELDS_HEADER
 from api.server import create_app
 from asyncengine.async_engine import AsyncEngine
-from tests.test_server import MODEL, make_engine, post, wait_idle
+from tests.test_server import MODEL, client, engine, post, wait_idle  # noqa: F401 (fixtures)
 from tests.tiny_models import load_hf
 
 G = "/inference/v1/generate"
 PROMPT = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58]
-
-
-@pytest.fixture(scope="module")
-def engine(llama_dir: Path):
-    eng = make_engine(llama_dir)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture
-async def client(engine: AsyncEngine):
-    async with TestClient(TestServer(create_app(engine, [MODEL]))) as c:
-        yield c
 
 
 def hf_logprobs(model_dir: Path, prompt: list[int], out: list[int], temperature: float = 1.0) -> torch.Tensor:
