@@ -67,8 +67,8 @@ _COMMON = {
 COMPLETION_FIELDS = {**_COMMON, "prompt": "any", "logprobs": "int", "echo": "bool", "best_of": "int", "suffix": "str"}
 CHAT_FIELDS = {
     **_COMMON, "messages": "any", "logprobs": "bool", "top_logprobs": "int", "chat_template_kwargs": "object",
-    "add_generation_prompt": "bool", "tools": "list", "tool_choice": "any", "parallel_tool_calls": "bool",
-    "response_format": "object", "functions": "list", "function_call": "any", "modalities": "list",
+    "chat_template": "str", "add_generation_prompt": "bool", "tools": "list", "tool_choice": "any",
+    "parallel_tool_calls": "bool", "response_format": "object", "functions": "list", "function_call": "any", "modalities": "list",
     "reasoning_effort": "str",
 }
 _KIND_TYPES: dict[str, tuple[type, ...]] = {

@@ -129,6 +129,9 @@ async def test_chat_template_kwargs_reach_the_template(client: TestClient, engin
         tok.chat_template = CHATML
     assert not tok.decode(plain["prompt_token_ids"]).endswith("<think>")
     assert tok.decode(think["prompt_token_ids"]).endswith("assistant\n<think>")
+    # TRL's chat path may send its own template; it replaces the tokenizer's for that request.
+    _, own = await post(client, CHAT, {**body, "chat_template": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"})
+    assert tok.decode(own["prompt_token_ids"]) == "[Hello world!]"
 
 
 async def test_cache_salt_on_chat(client: TestClient, engine: AsyncEngine) -> None:
