@@ -15,7 +15,8 @@ token carries the weight version that produced it. Unknown keys at the top level
 sampling_params are ignored and named in a response header (400 with
 --strict-request-fields). A stream sends the same choice pieces as chunks
 `{request_id, choices: [piece]}`, then a usage chunk if stream_options.include_usage, then
-`data: [DONE]`; concatenated they equal the full response.
+`data: [DONE]`; concatenated they equal the full response. Errors name the offending field
+without its `sampling_params.` prefix (`param: "max_tokens"`), as the OpenAI endpoints do.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def parse_generate(body: Any, vocab_size: int, strict: bool = False) -> Generati
     if logprobs is not None:
         if not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise bad(f"'sampling_params.logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs}",
-                      "sampling_params.logprobs")
+                      "logprobs")
         req.logprobs = logprobs
         req.sampling["logprobs"] = logprobs
     req.return_token_ids = True

@@ -65,6 +65,10 @@ async def test_unknown_fields_ignored_with_log_and_header(client: TestClient, st
     (CHAT, {"messages": USER, "parallel_tool_calls": 1}, "parallel_tool_calls"),
     (CHAT, {"messages": [{"role": "assistant", "content": None, "tool_calls": "x"}]}, "messages[0].tool_calls"),
     (C, {"prompt": TEXT, "priority": 1}, "priority"),
+    # A call's arguments nested past Python's recursion limit are kept as their string (here far
+    # over the context, so a 400 for the prompt), never a 500.
+    (CHAT, {"messages": [USER[0], {"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {
+        "name": "f", "arguments": "[" * 50_000 + "]" * 50_000}}]}]}, "prompt"),
 ])
 async def test_wrong_types_of_known_fields_stay_400(client: TestClient, path: str, body: dict[str, Any],
                                                     param: str) -> None:

@@ -84,6 +84,7 @@ def test_only_calls_give_null_content_and_two_calls_keep_order() -> None:
     '<tool_call>{"name": "f", "arguments": "not json"}</tool_call>',
     'Sure: <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}',  # cut off before the end
     "a <tool_ca",  # a marker start that never completes
+    '<tool_call>{"name": "f", "arguments": ' + "[" * 100_000 + "</tool_call>",  # nesting past the recursion limit
 ])
 def test_invalid_call_stays_content_verbatim(text: str) -> None:
     assert extract(text) == (text, [])

@@ -46,7 +46,7 @@ class HermesToolParser(ToolParser):
     def parse_block(self, body: str) -> ToolCall | None:
         try:
             obj = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             return None
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
             return None
@@ -54,7 +54,7 @@ class HermesToolParser(ToolParser):
         if isinstance(args, str):  # some models write the arguments as a JSON string already
             try:
                 args = json.loads(args)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
         if not isinstance(args, dict):
             return None

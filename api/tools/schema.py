@@ -75,7 +75,7 @@ def message_tool_calls(calls: Any, param: str) -> list[dict[str, Any]]:
         if isinstance(args, str):
             try:
                 args = json.loads(args) if args.strip() else {}
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass  # the model wrote invalid JSON once; the history keeps it verbatim
         elif not isinstance(args, dict):
             raise bad(f"{p}.function.arguments must be a JSON string", f"{p}.function.arguments", "invalid_type")
