@@ -107,7 +107,8 @@ class ChoiceBuilder:
             if x is None:
                 dst["top_logprobs"].append(None)
                 continue
-            entry = {self.tokens(t): lp(v) for t, v in (top or [])}
+            # [:logprobs]: an echoed prompt's alternatives may be more (prompt_logprobs K > logprobs).
+            entry = {self.tokens(t): lp(v) for t, v in (top or [])[: self.req.logprobs]}
             # Like OpenAI and vLLM: the chosen token is always among the alternatives.
             entry.setdefault(s, lp(x))
             dst["top_logprobs"].append(entry)

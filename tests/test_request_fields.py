@@ -171,3 +171,11 @@ def test_serve_flags() -> None:
     assert args.tool_call_parser is None and not args.strict_request_fields
     with pytest.raises(SystemExit):  # only registered parsers
         build_parser().parse_args(["serve", "--tool-call-parser", "nope"])
+
+
+async def test_echo_with_larger_prompt_logprobs_keeps_each_shape(client: TestClient) -> None:
+    _, res = await post(client, C, {"prompt": TEXT, "max_tokens": 1, "echo": True, "logprobs": 1,
+                                    "prompt_logprobs": 3, "temperature": 0})
+    choice = res["choices"][0]
+    assert all(len(t) <= 2 for t in choice["logprobs"]["top_logprobs"][1:])  # top-1 plus the actual token
+    assert all(sum(v["rank"] <= 3 for v in e.values()) == 3 for e in choice["prompt_logprobs"][1:])
