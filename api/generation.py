@@ -12,7 +12,7 @@ from aiohttp import web
 
 from api.metrics import Metrics
 from api.prompts import parse_chat, parse_completion
-from api.protocol import IGNORED_FIELDS_HEADER, APIError, GenerationRequest
+from api.protocol import IGNORED_FIELDS_HEADER, APIError, GenerationRequest, ignored_names
 from api.responses import ChoiceBuilder, TokenStrings, merge_pieces, role_piece, usage
 from asyncengine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from asyncengine.engine_core import EngineOverloadedError
@@ -37,7 +37,7 @@ def engine_error(exc: Exception) -> APIError:
 
 def ignored_header(req: GenerationRequest) -> dict[str, str]:
     """The header naming the request fields that were ignored (none: no header)."""
-    return {IGNORED_FIELDS_HEADER: ", ".join(req.ignored_fields)} if req.ignored_fields else {}
+    return {IGNORED_FIELDS_HEADER: ignored_names(req.ignored_fields)} if req.ignored_fields else {}
 
 
 def sse(obj: Any) -> bytes:

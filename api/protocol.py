@@ -100,8 +100,16 @@ def check_fields(body: Any, fields: dict[str, str], ignored: list[str] | None = 
         if isinstance(value, bool) and kind != "bool" or not isinstance(value, types):
             raise bad(f"'{name}' must be of type {kind}, got {type(value).__name__}", name, "invalid_type")
     if ignored:
-        log.warning("ignoring unknown request fields: %s", ", ".join(ignored))
+        log.warning("ignoring unknown request fields: %s", ignored_names(ignored))
     return {k: v for k, v in body.items() if v is not None and k in fields}
+
+
+def ignored_names(names: list[str], most: int = 16, longest: int = 64) -> str:
+    """Field names for a log line or a header: printable ASCII only (a name is client text and
+    must not break a header line), each cut to `longest`, at most `most` of them."""
+    safe = ["".join(c if " " <= c <= "~" else "?" for c in n[:longest]) for n in names[:most]]
+    more = f", ... ({len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(safe) + more
 
 
 def _is_int(v: Any) -> bool:

@@ -179,3 +179,12 @@ async def test_echo_with_larger_prompt_logprobs_keeps_each_shape(client: TestCli
     choice = res["choices"][0]
     assert all(len(t) <= 2 for t in choice["logprobs"]["top_logprobs"][1:])  # top-1 plus the actual token
     assert all(sum(v["rank"] <= 3 for v in e.values()) == 3 for e in choice["prompt_logprobs"][1:])
+
+
+async def test_ignored_names_cannot_break_the_header(client: TestClient) -> None:
+    body: dict[str, Any] = {"prompt": TEXT, "max_tokens": 1, "evil\r\nSet-Cookie: x": 1, "é" * 100: 2}
+    body.update({f"f{i}": i for i in range(30)})
+    resp = await client.post(C, json=body)
+    assert resp.status == 200 and "Set-Cookie" not in resp.headers
+    names = resp.headers[IGNORED_FIELDS_HEADER]
+    assert names.startswith("evil??Set-Cookie: x, " + "?" * 64 + ", f0, f1") and names.endswith("... (16 more)")
