@@ -60,7 +60,7 @@ def parse_chat(
         raise bad("'messages' is required", "messages", "missing_required_parameter")
     tools = parse_tool_request(body)
     text = render_chat(body["messages"], tokenizer, body.get("add_generation_prompt", True), tools.tools,
-                       body.get("chat_template_kwargs") or {}, body.get("chat_template"))
+                       body.get("chat_template_kwargs") or {})
     ids = list(tokenizer.encode(text, add_special_tokens=body.get("add_special_tokens", False)))
     req = common_request("chat", body, [ids])
     req.ignored_fields = ignored
@@ -126,11 +126,11 @@ _RESERVED_TEMPLATE_KWARGS = {"conversation", "messages", "tools", "tokenize", "a
 
 def render_chat(
     messages: Any, tokenizer: Any | None, add_generation_prompt: bool, tools: list[dict[str, Any]] | None = None,
-    template_kwargs: dict[str, Any] | None = None, chat_template: str | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> str:
-    """The conversation as text, through the request's `chat_template` or else the tokenizer's
-    (api/tools/render.py for tools, tool calls and tool results)."""
-    if tokenizer is None or not (chat_template or getattr(tokenizer, "chat_template", None)):
+    """The conversation as text, through the tokenizer's chat template (api/tools/render.py
+    for tools, tool calls and tool results)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise APIError(422, "this model has no chat template", param="messages", code="no_chat_template")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages", "invalid_type")
@@ -140,7 +140,7 @@ def render_chat(
         raise bad(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs", "invalid_value")
     clean = [_message(m, i) for i, m in enumerate(messages)]
     try:
-        return render_messages(clean, tools or [], tokenizer, add_generation_prompt, template_kwargs, chat_template)
+        return render_messages(clean, tools or [], tokenizer, add_generation_prompt, template_kwargs)
     except Exception as exc:  # a template may raise on a conversation it does not accept
         raise bad(f"the chat template rejected the messages: {exc}", "messages") from exc
 

@@ -125,6 +125,10 @@ def check_unsupported(body: dict[str, Any]) -> None:
     fmt = body.get("response_format")
     if fmt is not None and fmt.get("type", "text") != "text":
         raise bad("only response_format {'type': 'text'} is supported", "response_format", "unsupported_parameter")
+    if body.get("chat_template") is not None:  # as vLLM without --trust-request-chat-template
+        raise bad("a chat template sent with the request is refused: it would run client Jinja on the server "
+                  "(a nested loop can stall it); the model's own template renders every chat", "chat_template",
+                  "unsupported_parameter")
     if body.get("priority", 0) != 0:
         raise bad("priority scheduling is not supported; send priority 0 or omit it", "priority",
                   "unsupported_parameter")

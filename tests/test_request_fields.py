@@ -65,6 +65,8 @@ async def test_unknown_fields_ignored_with_log_and_header(client: TestClient, st
     (CHAT, {"messages": USER, "parallel_tool_calls": 1}, "parallel_tool_calls"),
     (CHAT, {"messages": [{"role": "assistant", "content": None, "tool_calls": "x"}]}, "messages[0].tool_calls"),
     (C, {"prompt": TEXT, "priority": 1}, "priority"),
+    (CHAT, {"messages": USER, "chat_template": "{% for i in range(99999) %}{% for j in range(99999) %}"
+                                               "{% endfor %}{% endfor %}"}, "chat_template"),
     # A call's arguments nested past Python's recursion limit are kept as their string (here far
     # over the context, so a 400 for the prompt), never a 500.
     (CHAT, {"messages": [USER[0], {"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {
@@ -133,9 +135,6 @@ async def test_chat_template_kwargs_reach_the_template(client: TestClient, engin
         tok.chat_template = CHATML
     assert not tok.decode(plain["prompt_token_ids"]).endswith("<think>")
     assert tok.decode(think["prompt_token_ids"]).endswith("assistant\n<think>")
-    # TRL's chat path may send its own template; it replaces the tokenizer's for that request.
-    _, own = await post(client, CHAT, {**body, "chat_template": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"})
-    assert tok.decode(own["prompt_token_ids"]) == "[Hello world!]"
 
 
 async def test_cache_salt_on_chat(client: TestClient, engine: AsyncEngine) -> None:

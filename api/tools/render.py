@@ -25,28 +25,24 @@ FALLBACK_TOOLS_PROMPT = (
 )
 
 
-def template_source(tokenizer: Any | None, override: str | None = None) -> str:
-    """The Jinja source that will render the chat: the request's own template, else the tokenizer's."""
-    template = override or (getattr(tokenizer, "chat_template", None) if tokenizer is not None else None)
+def template_source(tokenizer: Any | None) -> str:
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if isinstance(template, dict):  # named templates: the default one renders chats
         template = template.get("default") or next(iter(template.values()), "")
     return template if isinstance(template, str) else ""
 
 
-def template_supports_tools(tokenizer: Any | None, override: str | None = None) -> bool:
-    return "tools" in template_source(tokenizer, override)
+def template_supports_tools(tokenizer: Any | None) -> bool:
+    return "tools" in template_source(tokenizer)
 
 
 def render_messages(
     messages: list[dict[str, Any]], tools: list[dict[str, Any]], tokenizer: Any, add_generation_prompt: bool,
-    template_kwargs: dict[str, Any], chat_template: str | None = None,
+    template_kwargs: dict[str, Any],
 ) -> str:
     """The conversation as text. `messages` are validated (content a string, assistant
-    `tool_calls` with object arguments); `tools` are validated OpenAI tool definitions;
-    `chat_template` is the request's own template (HF renders it in a Jinja sandbox)."""
-    if chat_template is not None:
-        template_kwargs = {**template_kwargs, "chat_template": chat_template}
-    if template_supports_tools(tokenizer, chat_template):
+    `tool_calls` with object arguments); `tools` are validated OpenAI tool definitions."""
+    if template_supports_tools(tokenizer):
         kwargs = {**template_kwargs, **({"tools": tools} if tools else {})}
         conversation = messages
     else:
