@@ -60,6 +60,7 @@ def create_app(
     `strict_request_fields` answers unknown request fields with 400 instead of ignoring them."""
     from api.generation import GenerationHandler
     from api.metrics import Metrics
+    from api.tito import TitoHandler
 
     names = served_model_names or [engine.core.model_dir.name]
     metrics = Metrics(engine.stats, lambda: engine.is_healthy)
@@ -67,8 +68,6 @@ def create_app(
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_error_middleware(metrics)])
     app[ENGINE_KEY] = engine
     app[METRICS_KEY] = metrics
-    from api.tito import TitoHandler
-
     gen = GenerationHandler(engine, metrics, names, strict_request_fields, tool_call_parser)
     info = _Info(engine, names)
     app.router.add_post("/v1/completions", gen.completions)

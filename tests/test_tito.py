@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from api.protocol import IGNORED_FIELDS_HEADER
 from api.server import create_app
 from asyncengine.async_engine import AsyncEngine
+from asyncengine.kv_cache_manager import hash_block
 from tests.test_server import MODEL, client, engine, post, wait_idle  # noqa: F401 (fixtures)
 from tests.tiny_models import load_hf
 
@@ -123,6 +124,12 @@ async def test_cache_salt_separates_prefix_cache(client: TestClient, engine: Asy
     assert await cached("tenant-b") == 0  # another salt: no hits
     assert await cached(None) == 0  # no salt is its own namespace
     assert await cached(None) > 0
+
+
+def test_cache_salt_roots_the_hash_chain() -> None:
+    plain, a = hash_block(None, 0, [1, 2]), hash_block(None, 0, [1, 2], "a")
+    assert len({plain, a, hash_block(None, 0, [1, 2], "b")}) == 3 and a == hash_block(None, 0, [1, 2], "a")
+    assert hash_block(a, 0, [3]) != hash_block(plain, 0, [3])  # the salt carries down the chain
 
 
 async def test_unknown_keys_ignored_and_named(client: TestClient) -> None:
