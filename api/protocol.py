@@ -68,8 +68,8 @@ COMPLETION_FIELDS = {**_COMMON, "prompt": "any", "logprobs": "int", "echo": "boo
 CHAT_FIELDS = {
     **_COMMON, "messages": "any", "logprobs": "bool", "top_logprobs": "int", "chat_template_kwargs": "object",
     "chat_template": "str", "add_generation_prompt": "bool", "tools": "list", "tool_choice": "any",
-    "parallel_tool_calls": "bool", "response_format": "object", "functions": "list", "function_call": "any", "modalities": "list",
-    "reasoning_effort": "str",
+    "parallel_tool_calls": "bool", "response_format": "object", "functions": "list", "function_call": "any",
+    "modalities": "list", "reasoning_effort": "str",
 }
 _KIND_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,), "number": (int, float), "bool": (bool,), "str": (str,), "object": (dict,), "list": (list,),

@@ -14,8 +14,9 @@ from api.tools import ToolStreamer, get_parser, merge_tool_call_deltas, parse_to
 from api.tools.render import fallback_messages
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "strict": True,
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+                                           "parameters": CITY}}]
 # SmolLM2-135M-Instruct's template, verbatim: no tool support, and `+ message['content']` fails on null.
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
@@ -102,7 +103,8 @@ def test_invalid_block_between_valid_ones() -> None:
 
 
 @pytest.mark.parametrize("text", [
-    "Let me check.\n" + CALL, CALL + "\n" + CALL, "plain text, no calls at all <tool", "x <tool_call>{oops}</tool_call> y",
+    "Let me check.\n" + CALL, CALL + "\n" + CALL, "plain text, no calls at all <tool",
+    "x <tool_call>{oops}</tool_call> y",
     " \n" + CALL + " done", "<<tool_call>" + CALL[len("<tool_call>"):],
 ])
 def test_stream_equals_full_for_every_split(text: str) -> None:

@@ -173,8 +173,11 @@ async def test_required_or_named_tool_choice_is_a_clear_400(scripted: Any, choic
 async def test_history_with_tool_calls_and_tool_messages(real: openai.AsyncOpenAI, engine: AsyncEngine,
                                                          stream: bool) -> None:
     """openai-agents' shape of a second turn: assistant content null + tool_calls, then tool results."""
-    history = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
-                                    for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in HISTORY]
+    def as_openai(c: dict[str, Any]) -> dict[str, Any]:  # arguments as the JSON string OpenAI sends
+        return {**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
+
+    history = [{**m, "tool_calls": [as_openai(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m
+               for m in HISTORY]
     kw: dict[str, Any] = dict(model=MODEL, messages=history, tools=TOOLS, max_tokens=5, seed=3, temperature=0,
                               extra_body={"return_token_ids": True})
     if stream:
