@@ -12,7 +12,7 @@ from aiohttp import web
 
 from api.metrics import Metrics
 from api.prompts import parse_chat, parse_completion
-from api.protocol import APIError, GenerationRequest
+from api.protocol import IGNORED_FIELDS_HEADER, APIError, GenerationRequest, ignored_names
 from api.responses import ChoiceBuilder, TokenStrings, merge_pieces, role_piece, usage
 from asyncengine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from asyncengine.engine_core import EngineOverloadedError
@@ -35,37 +35,58 @@ def engine_error(exc: Exception) -> APIError:
     raise exc
 
 
+def ignored_header(req: GenerationRequest) -> dict[str, str]:
+    """The header naming the request fields that were ignored (none: no header)."""
+    return {IGNORED_FIELDS_HEADER: ignored_names(req.ignored_fields)} if req.ignored_fields else {}
+
+
 def sse(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 class GenerationHandler:
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, served_names: list[str]) -> None:
+    def __init__(
+        self, engine: AsyncEngine, metrics: Metrics, served_names: list[str], strict_fields: bool = False,
+        tool_parser: str | None = None,
+    ) -> None:
+        from api.tools import default_parser_name, get_parser
+
         self.engine = engine
         self.metrics = metrics
         self.served_names = served_names
+        # Unknown request fields: 400 when strict, else ignored and named in a header.
+        self.strict_fields = strict_fields
+        self.tool_parser = tool_parser or default_parser_name(engine.tokenizer)
+        get_parser(self.tool_parser)  # an unknown name fails at startup, not per request
         self.tokens = TokenStrings(engine.tokenizer)
+        self.id_tokens = TokenStrings(engine.tokenizer, as_ids=True)
         # Longest prompt + output a request may need: the context, bounded by the KV pool.
         self.limit = min(engine.model_info.max_model_len, engine.kv_capacity_tokens)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
-        req = parse_completion(body, self.engine.tokenizer, self.engine.model_info.vocab_size)
-        return await self._serve(request, req, "cmpl-", "text_completion")
+        req = parse_completion(body, self.engine.tokenizer, self.engine.model_info.vocab_size, self.strict_fields)
+        return await self.respond(request, req, "cmpl-", "text_completion")
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
-        req = parse_chat(body, self.engine.tokenizer, self.engine.model_info.vocab_size)
-        return await self._serve(request, req, "chatcmpl-", "chat.completion")
+        info = self.engine.model_info
+        req = parse_chat(body, self.engine.tokenizer, info.vocab_size, self.strict_fields, self.tool_parser)
+        return await self.respond(request, req, "chatcmpl-", "chat.completion")
 
-    async def _serve(self, request: web.Request, req: GenerationRequest, prefix: str, obj: str) -> web.StreamResponse:
+    async def respond(self, request: web.Request, req: GenerationRequest, prefix: str, obj: str) -> web.StreamResponse:
+        """Run a parsed request and answer it (SSE or JSON); shared by every generating endpoint."""
         if req.model is not None and req.model not in self.served_names:
             raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
         t0 = time.perf_counter()
         rid = prefix + (req.request_id or uuid.uuid4().hex)
         streams = await self._open(req, rid)
-        builders = [ChoiceBuilder(req, i, i // req.n, self.tokens) for i in range(len(streams))]
-        head = {"id": rid, "object": obj, "created": int(time.time()), "model": req.model or self.served_names[0]}
+        tokens = self.id_tokens if req.tokens_as_ids else self.tokens
+        builders = [ChoiceBuilder(req, i, i // req.n, tokens) for i in range(len(streams))]
+        head: dict[str, Any] = {"id": rid, "object": obj, "created": int(time.time()),
+                                "model": req.model or self.served_names[0]}
+        if req.kind == "generate":  # vLLM's /inference/v1/generate answers with request_id only
+            head = {"request_id": rid}
         try:
             if req.stream:
                 return await self._stream(request, req, streams, builders, head, t0)
@@ -108,7 +129,11 @@ class GenerationHandler:
         body: dict[str, Any] = {**head, "choices": choices, "usage": usage(req, builders)}
         if req.kind == "chat" and req.return_token_ids:
             body["prompt_token_ids"] = req.prompts[0]
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
+        if req.kind == "generate" or req.kind == "chat" and req.prompt_logprobs is not None:  # vLLM: top level
+            body["prompt_logprobs"] = choices[0].get("prompt_logprobs")
+            for c in choices:
+                c.pop("prompt_logprobs", None)
+        return web.Response(body=orjson.dumps(body), content_type="application/json", headers=ignored_header(req))
 
     async def _stream(
         self, request: web.Request, req: GenerationRequest, streams: list[RequestStream],
@@ -117,10 +142,9 @@ class GenerationHandler:
         """Steps: 1. send headers; 2. (chat) a role chunk per choice; 3. one chunk per delta;
         4. the usage chunk if asked; 5. [DONE]. A failed write (client gone) ends it; the
         caller aborts the requests."""
-        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        resp = web.StreamResponse(headers={**_SSE_HEADERS, **ignored_header(req)})
         await resp.prepare(request)
-        chunk_obj = head["object"] + ".chunk" if req.kind == "chat" else head["object"]
-        chunk_head = {**head, "object": chunk_obj}
+        chunk_head = {**head, "object": head["object"] + ".chunk"} if req.kind == "chat" else head
         if req.kind == "chat":
             first = {**chunk_head, "choices": [role_piece(b.index) for b in builders]}
             if req.return_token_ids:
@@ -137,7 +161,7 @@ class GenerationHandler:
         except EngineDeadError as exc:
             await resp.write(sse(engine_error(exc).body()))
         except ConnectionResetError:
-            return resp  # the client left; _serve aborts its requests
+            return resp  # the client left; respond() aborts its requests
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

@@ -13,20 +13,25 @@ from api.protocol import (
     check_unsupported,
     common_request,
 )
+from api.tools import get_parser, parse_tool_request, render_messages
+from api.tools.schema import message_tool_calls
 from asyncengine.sampling_params import MAX_TOP_LOGPROBS
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
-def parse_completion(body: Any, tokenizer: Any | None, vocab_size: int) -> GenerationRequest:
-    """Validate a /v1/completions body and tokenize its prompt(s)."""
-    body = check_fields(body, COMPLETION_FIELDS)
+def parse_completion(body: Any, tokenizer: Any | None, vocab_size: int, strict: bool = False) -> GenerationRequest:
+    """Validate a /v1/completions body and tokenize its prompt(s); unknown fields are
+    ignored (and named in req.ignored_fields) unless `strict`."""
+    ignored: list[str] = []
+    body = check_fields(body, COMPLETION_FIELDS, None if strict else ignored)
     check_unsupported(body)
     if "prompt" not in body:
         raise bad("'prompt' is required", "prompt", "missing_required_parameter")
     add_special = body.get("add_special_tokens", True)
     ids, texts = completion_prompts(body["prompt"], tokenizer, add_special, vocab_size)
     req = common_request("completion", body, ids)
+    req.ignored_fields = ignored
     best_of = body.get("best_of")
     if best_of is not None and best_of != req.n:
         raise bad("best_of is only supported equal to n", "best_of", "unsupported_parameter")
@@ -39,19 +44,29 @@ def parse_completion(body: Any, tokenizer: Any | None, vocab_size: int) -> Gener
     if req.echo:
         req.prompt_texts = [t if t is not None else _decode(tokenizer, p) for t, p in zip(texts, ids)]
         if logprobs is not None:
-            req.sampling["prompt_logprobs"] = logprobs
+            req.sampling["prompt_logprobs"] = max(logprobs, req.sampling.get("prompt_logprobs") or 0)
     return req
 
 
-def parse_chat(body: Any, tokenizer: Any | None, vocab_size: int) -> GenerationRequest:
-    """Validate a /v1/chat/completions body and render its messages with the chat template."""
-    body = check_fields(body, CHAT_FIELDS)
+def parse_chat(
+    body: Any, tokenizer: Any | None, vocab_size: int, strict: bool = False, tool_parser: str = "hermes"
+) -> GenerationRequest:
+    """Validate a /v1/chat/completions body and render its messages (and tools) with the chat
+    template; `tool_parser` names the registered parser that reads tool calls back."""
+    ignored: list[str] = []
+    body = check_fields(body, CHAT_FIELDS, None if strict else ignored)
     check_unsupported(body)
     if "messages" not in body:
         raise bad("'messages' is required", "messages", "missing_required_parameter")
-    text = render_chat(body["messages"], tokenizer, body.get("add_generation_prompt", True))
+    tools = parse_tool_request(body)
+    text = render_chat(body["messages"], tokenizer, body.get("add_generation_prompt", True), tools.tools,
+                       body.get("chat_template_kwargs") or {})
     ids = list(tokenizer.encode(text, add_special_tokens=body.get("add_special_tokens", False)))
     req = common_request("chat", body, [ids])
+    req.ignored_fields = ignored
+    req.tools = tools
+    if tools.parse_calls:
+        req.tool_parser = get_parser(tool_parser)
     top = body.get("top_logprobs")
     if top is not None:
         _check_top_n(top, "top_logprobs")
@@ -104,20 +119,33 @@ def check_token_ids(ids: Any, vocab_size: int, param: str) -> list[int]:
     return ids
 
 
-def render_chat(messages: Any, tokenizer: Any | None, add_generation_prompt: bool) -> str:
-    """The conversation as text, through the tokenizer's chat template."""
+# chat_template_kwargs may not override what the server itself passes to the template.
+_RESERVED_TEMPLATE_KWARGS = {"conversation", "messages", "tools", "tokenize", "add_generation_prompt",
+                             "chat_template", "return_dict", "return_tensors", "continue_final_message"}
+
+
+def render_chat(
+    messages: Any, tokenizer: Any | None, add_generation_prompt: bool, tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> str:
+    """The conversation as text, through the tokenizer's chat template (api/tools/render.py
+    for tools, tool calls and tool results)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise APIError(422, "this model has no chat template", param="messages", code="no_chat_template")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages", "invalid_type")
+    template_kwargs = template_kwargs or {}
+    reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(template_kwargs))
+    if reserved:
+        raise bad(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs", "invalid_value")
     clean = [_message(m, i) for i, m in enumerate(messages)]
     try:
-        return str(tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=add_generation_prompt))
+        return render_messages(clean, tools or [], tokenizer, add_generation_prompt, template_kwargs)
     except Exception as exc:  # a template may raise on a conversation it does not accept
         raise bad(f"the chat template rejected the messages: {exc}", "messages") from exc
 
 
-def _message(m: Any, i: int) -> dict[str, str]:
+def _message(m: Any, i: int) -> dict[str, Any]:
     param = f"messages[{i}]"
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise bad(f"{param} must be an object with a string 'role'", param, "invalid_type")
@@ -135,9 +163,13 @@ def _message(m: Any, i: int) -> dict[str, str]:
         content = "".join(parts)
     elif not isinstance(content, str):
         raise bad(f"{param}.content must be a string or a list of text parts", f"{param}.content", "invalid_type")
-    out = {"role": m["role"], "content": content}
+    out: dict[str, Any] = {"role": m["role"], "content": content}
     if isinstance(m.get("name"), str):
         out["name"] = m["name"]
+    if m["role"] == "assistant" and m.get("tool_calls"):
+        out["tool_calls"] = message_tool_calls(m["tool_calls"], f"{param}.tool_calls")
+    if m["role"] == "tool" and m.get("tool_call_id") is not None:
+        out["tool_call_id"] = str(m["tool_call_id"])
     return out
 
 

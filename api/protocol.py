@@ -6,10 +6,16 @@ raises InvalidRequestError, which the server maps the same way.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from asyncengine.sampling_params import SamplingParams
+from asyncengine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+
+if TYPE_CHECKING:
+    from api.tools import ToolParser, ToolRequest
+
+log = logging.getLogger(__name__)
 
 MAX_N = 128
 INT64 = (-(2**63), 2**64 - 1)
@@ -45,7 +51,13 @@ _EXTENSIONS = {
     "skip_special_tokens": "bool", "spaces_between_special_tokens": "bool", "logprobs_mode": "str",
     "return_raw_logprobs": "bool", "return_log_kept_mass": "bool", "return_token_ids": "bool",
     "return_weight_versions": "bool", "add_special_tokens": "bool", "request_id": "str",
+    "return_tokens_as_token_ids": "bool", "prompt_logprobs": "int", "cache_salt": "str",
+    "max_completion_tokens": "int", "priority": "int",
 }
+# cache_salt longer than this is refused (it only needs to name a tenant or an experiment).
+MAX_CACHE_SALT = 128
+# The response header that names request fields the server ignored.
+IGNORED_FIELDS_HEADER = "X-Ignored-Request-Fields"
 _COMMON = {
     "model": "str", "max_tokens": "int", "temperature": "number", "top_p": "number", "n": "int",
     "stream": "bool", "stream_options": "object", "stop": "stop", "presence_penalty": "number",
@@ -54,24 +66,30 @@ _COMMON = {
 }
 COMPLETION_FIELDS = {**_COMMON, "prompt": "any", "logprobs": "int", "echo": "bool", "best_of": "int", "suffix": "str"}
 CHAT_FIELDS = {
-    **_COMMON, "messages": "any", "logprobs": "bool", "top_logprobs": "int", "max_completion_tokens": "int",
-    "add_generation_prompt": "bool", "tools": "list", "tool_choice": "any", "parallel_tool_calls": "bool",
-    "response_format": "object", "functions": "list", "function_call": "any", "modalities": "list",
-    "reasoning_effort": "str",
+    **_COMMON, "messages": "any", "logprobs": "bool", "top_logprobs": "int", "chat_template_kwargs": "object",
+    "chat_template": "str", "add_generation_prompt": "bool", "tools": "list", "tool_choice": "any",
+    "parallel_tool_calls": "bool", "response_format": "object", "functions": "list", "function_call": "any",
+    "modalities": "list", "reasoning_effort": "str",
 }
 _KIND_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,), "number": (int, float), "bool": (bool,), "str": (str,), "object": (dict,), "list": (list,),
 }
 
 
-def check_fields(body: Any, fields: dict[str, str]) -> dict[str, Any]:
-    """The body as a dict whose known fields have the right JSON types (null = omitted)."""
+def check_fields(body: Any, fields: dict[str, str], ignored: list[str] | None = None) -> dict[str, Any]:
+    """The body as a dict whose known fields have the right JSON types (null = omitted).
+
+    An unknown field is a 400, unless `ignored` is given: then (as vLLM does) its name is
+    appended there, logged, and the field dropped."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     for name, value in body.items():
         kind = fields.get(name)
         if kind is None:
-            raise bad(f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
+            if ignored is None:
+                raise bad(f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
+            ignored.append(name)
+            continue
         if value is None or kind in ("any", "stop"):
             continue
         if kind == "int_list":
@@ -81,7 +99,17 @@ def check_fields(body: Any, fields: dict[str, str]) -> dict[str, Any]:
         types = _KIND_TYPES[kind]
         if isinstance(value, bool) and kind != "bool" or not isinstance(value, types):
             raise bad(f"'{name}' must be of type {kind}, got {type(value).__name__}", name, "invalid_type")
-    return {k: v for k, v in body.items() if v is not None}
+    if ignored:
+        log.warning("ignoring unknown request fields: %s", ignored_names(ignored))
+    return {k: v for k, v in body.items() if v is not None and k in fields}
+
+
+def ignored_names(names: list[str], most: int = 16, longest: int = 64) -> str:
+    """Field names for a log line or a header: printable ASCII only (a name is client text and
+    must not break a header line), each cut to `longest`, at most `most` of them."""
+    safe = ["".join(c if " " <= c <= "~" else "?" for c in n[:longest]) for n in names[:most]]
+    more = f", ... ({len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(safe) + more
 
 
 def _is_int(v: Any) -> bool:
@@ -94,13 +122,16 @@ def check_unsupported(body: dict[str, Any]) -> None:
         raise bad("logit_bias is not supported", "logit_bias", "unsupported_parameter")
     if body.get("suffix"):
         raise bad("suffix is not supported", "suffix", "unsupported_parameter")
-    if body.get("tools") or body.get("functions"):
-        raise bad("tool calling is not supported", "tools", "unsupported_parameter")
-    if body.get("tool_choice", "none") != "none" or body.get("function_call", "none") != "none":
-        raise bad("tool calling is not supported", "tool_choice", "unsupported_parameter")
     fmt = body.get("response_format")
     if fmt is not None and fmt.get("type", "text") != "text":
         raise bad("only response_format {'type': 'text'} is supported", "response_format", "unsupported_parameter")
+    if body.get("chat_template") is not None:  # as vLLM without --trust-request-chat-template
+        raise bad("a chat template sent with the request is refused: it would run client Jinja on the server "
+                  "(a nested loop can stall it); the model's own template renders every chat", "chat_template",
+                  "unsupported_parameter")
+    if body.get("priority", 0) != 0:
+        raise bad("priority scheduling is not supported; send priority 0 or omit it", "priority",
+                  "unsupported_parameter")
     if body.get("modalities", ["text"]) != ["text"]:
         raise bad("only the text modality is supported", "modalities", "unsupported_parameter")
 
@@ -109,7 +140,7 @@ def check_unsupported(body: dict[str, Any]) -> None:
 class GenerationRequest:
     """A validated /v1/completions or /v1/chat/completions request."""
 
-    # "completion" or "chat".
+    # "completion", "chat" or "generate" (/inference/v1/generate).
     kind: str
     model: str | None
     # Token ids of each prompt (chat: one prompt, the rendered conversation).
@@ -132,6 +163,15 @@ class GenerationRequest:
     return_weight_versions: bool = False
     request_id: str | None = None
     prompt_texts: list[str | None] = field(default_factory=list)
+    # vLLM's prompt_logprobs: top-K raw alternatives per prompt token, in vLLM's shape.
+    prompt_logprobs: int | None = None
+    # Every logprob token as "token_id:<id>" (vLLM's return_tokens_as_token_ids).
+    tokens_as_ids: bool = False
+    # Unknown request fields that were ignored (named in a response header).
+    ignored_fields: list[str] = field(default_factory=list)
+    # Chat: the tool fields, and the parser reading tool calls (None: content only).
+    tools: ToolRequest | None = None
+    tool_parser: ToolParser | None = None
 
     def params(self, prompt_index: int, choice: int, limit: int) -> SamplingParams:
         """SamplingParams of one choice; `limit` is the longest prompt + output the engine holds."""
@@ -140,8 +180,9 @@ class GenerationRequest:
         if max_tokens is None:
             max_tokens = limit - prompt_len
             if max_tokens < 1:
-                raise bad(
-                    f"This model's maximum context length is {limit} tokens; the prompt has {prompt_len}.",
+                raise bad(  # vLLM's words: clients match on "maximum context length"
+                    f"This model's maximum context length is {limit} tokens. However, your request has "
+                    f"{prompt_len} input tokens. Please reduce the length of the input messages.",
                     "prompt", "context_length_exceeded",
                 )
         seed = None if self.seed is None else self.seed + choice
@@ -167,6 +208,11 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
         out["stop_token_ids"] = tuple(body["stop_token_ids"])
     out["return_raw_logprob"] = bool(body.get("return_raw_logprobs", False))
     out["return_log_kept_mass"] = bool(body.get("return_log_kept_mass", False))
+    salt = body.get("cache_salt")
+    if salt is not None:
+        if not 0 < len(salt) <= MAX_CACHE_SALT:
+            raise bad(f"'cache_salt' must be 1 to {MAX_CACHE_SALT} characters", "cache_salt", "invalid_value")
+        out["cache_salt"] = salt
     return out
 
 
@@ -189,12 +235,19 @@ def common_request(kind: str, body: dict[str, Any], prompts: list[list[int]]) ->
     unknown = set(options) - {"include_usage", "continuous_usage_stats"}
     if unknown or not all(isinstance(v, bool) for v in options.values()):
         raise bad("stream_options takes booleans include_usage and continuous_usage_stats", "stream_options")
+    sampling = sampling_fields(body)
+    prompt_lps = body.get("prompt_logprobs")
+    if prompt_lps is not None:
+        if not 0 <= prompt_lps <= MAX_TOP_LOGPROBS:
+            raise bad(f"'prompt_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {prompt_lps}",
+                      "prompt_logprobs")
+        sampling["prompt_logprobs"] = prompt_lps
     return GenerationRequest(
         kind=kind, model=body.get("model"), prompts=prompts, n=n, max_tokens=max_tokens,
-        sampling=sampling_fields(body), seed=seed, stream=stream,
+        sampling=sampling, seed=seed, stream=stream, prompt_logprobs=prompt_lps,
         include_usage=options.get("include_usage", False),
         continuous_usage=options.get("continuous_usage_stats", False),
         return_token_ids=body.get("return_token_ids", False),
         return_weight_versions=body.get("return_weight_versions", False),
-        request_id=body.get("request_id"),
+        request_id=body.get("request_id"), tokens_as_ids=body.get("return_tokens_as_token_ids", False),
     )

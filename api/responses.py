@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from api.protocol import GenerationRequest
+from api.tools import ToolStreamer, merge_tool_call_deltas
 from asyncengine.outputs import RequestOutput, TopLogprobs
 
 # What vLLM sends for a logprob of -inf (JSON has no infinities).
@@ -23,16 +24,18 @@ def lp(x: float | None) -> float | None:
 
 
 class TokenStrings:
-    """Text of single tokens (for logprobs), decoded once and cached."""
+    """Text of single tokens (for logprobs), decoded once and cached; with `as_ids` (or no
+    tokenizer) every token is "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
 
-    def __init__(self, tokenizer: Any | None) -> None:
+    def __init__(self, tokenizer: Any | None, as_ids: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.as_ids = as_ids
         self._cache: dict[int, str] = {}
 
     def __call__(self, token_id: int) -> str:
         s = self._cache.get(token_id)
         if s is None:
-            if self.tokenizer is None:
+            if self.tokenizer is None or self.as_ids:
                 s = f"token_id:{token_id}"
             else:
                 s = str(self.tokenizer.decode([token_id], skip_special_tokens=False))
@@ -55,6 +58,8 @@ class ChoiceBuilder:
         self.num_output_tokens = 0
         self.num_cached_tokens = 0
         self.finished = False
+        # Chat with tools: reads tool calls out of the text (None: the text is all content).
+        self.tool_streamer = ToolStreamer(req.tool_parser) if req.tool_parser is not None else None
 
     def piece(self, out: RequestOutput) -> dict[str, Any]:
         """The choice object of the chunk for this delta."""
@@ -62,10 +67,10 @@ class ChoiceBuilder:
         self.num_output_tokens = out.num_output_tokens
         self.num_cached_tokens = out.num_cached_tokens
         self.finished = out.finished
-        if self.req.kind == "chat":
-            choice = self._chat_piece(out)
-        else:
+        if self.req.kind == "completion":
             choice = self._completion_piece(out, first)
+        else:
+            choice = self._chat_piece(out)
         self._extensions(choice, out, first)
         return choice
 
@@ -102,12 +107,14 @@ class ChoiceBuilder:
             if x is None:
                 dst["top_logprobs"].append(None)
                 continue
-            entry = {self.tokens(t): lp(v) for t, v in (top or [])}
+            # [:logprobs]: an echoed prompt's alternatives may be more (prompt_logprobs K > logprobs).
+            entry = {self.tokens(t): lp(v) for t, v in (top or [])[: self.req.logprobs]}
             # Like OpenAI and vLLM: the chosen token is always among the alternatives.
             entry.setdefault(s, lp(x))
             dst["top_logprobs"].append(entry)
 
     def _chat_piece(self, out: RequestOutput) -> dict[str, Any]:
+        """A chat choice chunk; for /inference/v1/generate the same without the text delta."""
         logprobs = None
         if self.req.logprobs is not None:
             tops = out.top_logprobs or [[] for _ in out.token_ids]
@@ -115,11 +122,22 @@ class ChoiceBuilder:
                 {**self._chat_token(tid, x), "top_logprobs": [self._chat_token(t, v) for t, v in top]}
                 for tid, x, top in zip(out.token_ids, out.logprobs, tops)
             ]}
-        return {
-            "index": self.index, "delta": {"content": out.text}, "logprobs": logprobs,
-            "finish_reason": out.finish_reason if out.finished else None,
-            "stop_reason": out.stop_reason if out.finished else None,
-        }
+        delta: dict[str, Any] = {"content": out.text}
+        finish_reason = out.finish_reason if out.finished else None
+        if self.tool_streamer is not None:
+            content, calls = self.tool_streamer.feed(out.text)
+            if out.finished:
+                content += self.tool_streamer.finish()
+                if self.tool_streamer.calls and finish_reason == "stop":
+                    finish_reason = "tool_calls"
+            delta = {"content": content or (None if calls else "")}
+            if calls:
+                delta["tool_calls"] = calls
+        piece = {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+                 "stop_reason": out.stop_reason if out.finished else None}
+        if self.req.kind == "generate":  # token in, token out: no text
+            del piece["delta"]
+        return piece
 
     def _chat_token(self, token_id: int, logprob: float) -> dict[str, Any]:
         s = self.tokens(token_id)
@@ -137,6 +155,31 @@ class ChoiceBuilder:
             choice["raw_logprobs"] = [lp(x) for x in out.raw_logprobs]
         if out.log_kept_mass is not None:
             choice["log_kept_mass"] = [lp(x) for x in out.log_kept_mass]
+        if req.prompt_logprobs is not None and out.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(
+                self.prompt_ids, out.prompt_logprobs, out.prompt_top_logprobs, req.prompt_logprobs, self.tokens)
+
+
+def vllm_prompt_logprobs(
+    ids: list[int], lps: list[float | None], tops: list[TopLogprobs | None] | None, k: int, tokens: TokenStrings,
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's prompt_logprobs: per prompt position None (the first) or {str(token id):
+    {logprob, rank, decoded_token}} for the prompt token and its top-k raw alternatives.
+
+    Ranks are 1-based positions among the top-k. A prompt token outside its top-k gets rank
+    k + 1, a lower bound: the engine returns the top-k, not the token's rank in the vocabulary."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for pos, (tid, x) in enumerate(zip(ids, lps)):
+        if x is None:
+            out.append(None)
+            continue
+        top = (tops[pos] if tops is not None else None) or []
+        entry = {str(t): {"logprob": lp(v), "rank": r, "decoded_token": tokens(t)}
+                 for r, (t, v) in enumerate(top[:k], start=1)}
+        if str(tid) not in entry:
+            entry = {str(tid): {"logprob": lp(x), "rank": k + 1, "decoded_token": tokens(tid)}, **entry}
+        out.append(entry)
+    return out
 
 
 def role_piece(index: int) -> dict[str, Any]:
@@ -152,6 +195,9 @@ def merge_pieces(pieces: list[dict[str, Any]]) -> dict[str, Any]:
     if "delta" in merged:  # chat: a full response has a message, not a delta
         delta = merged.pop("delta")
         merged["message"] = {"role": "assistant", "content": delta.get("content", "")}
+        if delta.get("tool_calls"):
+            merged["message"]["tool_calls"] = merge_tool_call_deltas(delta["tool_calls"])
+            merged["message"]["content"] = delta.get("content") or None
     return merged
 
 

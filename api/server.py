@@ -46,15 +46,24 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     from asyncengine.distributed.serve import add_replica_args
 
     add_replica_args(parser)
+    from api.tools.parsers import PARSERS
+
+    parser.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                        help="parser of tool calls in chat replies (api/tools; default: chosen by the chat template)")
+    parser.add_argument("--strict-request-fields", action="store_true",
+                        help="answer unknown request fields with 400 instead of ignoring them with a warning")
 
 
 def create_app(
     engine: AsyncEngine, served_model_names: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    shutdown_engine: bool = False,
+    shutdown_engine: bool = False, tool_call_parser: str | None = None, strict_request_fields: bool = False,
 ) -> web.Application:
-    """The aiohttp application serving `engine`; with shutdown_engine the app's cleanup stops it."""
+    """The aiohttp application serving `engine`; with shutdown_engine the app's cleanup stops it.
+    `tool_call_parser` names a parser of api/tools (None: chosen by the chat template);
+    `strict_request_fields` answers unknown request fields with 400 instead of ignoring them."""
     from api.generation import GenerationHandler
     from api.metrics import Metrics
+    from api.tito import TitoHandler
 
     names = served_model_names or [engine.core.model_dir.name]
     metrics = Metrics(engine.stats, lambda: engine.is_healthy)
@@ -62,10 +71,11 @@ def create_app(
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_error_middleware(metrics)])
     app[ENGINE_KEY] = engine
     app[METRICS_KEY] = metrics
-    gen = GenerationHandler(engine, metrics, names)
+    gen = GenerationHandler(engine, metrics, names, strict_request_fields, tool_call_parser)
     info = _Info(engine, names)
     app.router.add_post("/v1/completions", gen.completions)
     app.router.add_post("/v1/chat/completions", gen.chat)
+    app.router.add_post("/inference/v1/generate", TitoHandler(gen).generate)
     app.router.add_get("/v1/models", info.models)
     app.router.add_get("/health", info.health)
     app.router.add_get("/metrics", info.metrics(metrics))
@@ -171,12 +181,12 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> None:
     use_uvloop = not getattr(args, "no_uvloop", False)
     from asyncengine.distributed.serve import serve_replicated, wants_replicas
 
+    names = args.served_model_name or ([args.model] if args.model else None)
     if wants_replicas(args):  # N engines as Ray actors behind one front
-        return serve_replicated(args, config, args.served_model_name)
+        return serve_replicated(args, config, names, app_options(args))
     engine = AsyncEngine.from_config(config)
-    names = args.served_model_name or [args.model if args.model else engine.core.model_dir.name]
-    max_body = int(getattr(args, "max_body_mb", DEFAULT_MAX_BODY_BYTES / 2**20) * 2**20)
-    app = create_app(engine, names, max_body, shutdown_engine=True)
+    names = names or [engine.core.model_dir.name]
+    app = create_app(engine, names, shutdown_engine=True, **app_options(args))
     _add_admin(app, engine, args)
     loop = _new_loop(use_uvloop)
     log.info("serving %s on http://%s:%d (event loop: %s)", names[0], args.host, args.port, type(loop).__module__)
@@ -185,6 +195,15 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> None:
         access_log=logging.getLogger("aiohttp.access") if getattr(args, "access_log", False) else None,
         print=None,
     )
+
+
+def app_options(args: argparse.Namespace) -> dict[str, Any]:
+    """create_app's keyword options from the serve flags (one server, or each replica)."""
+    return {
+        "max_body_bytes": int(getattr(args, "max_body_mb", DEFAULT_MAX_BODY_BYTES / 2**20) * 2**20),
+        "tool_call_parser": getattr(args, "tool_call_parser", None),
+        "strict_request_fields": getattr(args, "strict_request_fields", False),
+    }
 
 
 def _add_admin(app: web.Application, engine: AsyncEngine, args: argparse.Namespace) -> None:

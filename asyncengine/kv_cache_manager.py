@@ -2,7 +2,8 @@
 
 A full block's hash covers (its parent's hash, a salt, its token ids). The salt carries
 the weight version the KV was computed with, so KV from older weights can never be
-matched by a request admitted after an update.
+matched by a request admitted after an update. A request's `cache_salt` replaces the
+root of its chain, so only requests with the same cache_salt share blocks.
 """
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ from asyncengine.block_pool import Block, BlockHash, BlockPool
 from asyncengine.request import Request
 
 
-def hash_block(parent: BlockHash | None, salt: int, token_ids: list[int]) -> BlockHash:
+def hash_block(
+    parent: BlockHash | None, salt: int, token_ids: list[int], cache_salt: str | None = None
+) -> BlockHash:
     h = hashlib.blake2b(digest_size=16)
-    h.update(parent or b"root")
+    # A tag byte first, so a salted root can never read as a parent hash or the plain root.
+    if parent is not None:
+        h.update(b"p" + parent)
+    else:
+        h.update(b"root" if cache_salt is None else b"s" + cache_salt.encode())
     h.update(salt.to_bytes(8, "little", signed=True))
     h.update(array("q", token_ids).tobytes())
     return h.digest()
@@ -110,9 +117,10 @@ class KVCacheManager:
         memo_salt, hashes = self._hashes.get(rid, (salt, []))
         if memo_salt != salt:
             hashes = []
-        tokens, bs = request.all_token_ids, self.block_size
+        tokens, bs, cache_salt = request.all_token_ids, self.block_size, request.params.cache_salt
         while len(hashes) < n:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, salt, tokens[i * bs : (i + 1) * bs]))
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, salt, tokens[i * bs : (i + 1) * bs], cache_salt))
         self._hashes[rid] = (salt, hashes)
         return hashes

@@ -56,6 +56,9 @@ class SamplingParams:
     return_raw_logprob: bool = False
     return_log_kept_mass: bool = False
     skip_special_tokens: bool = True
+    # Salts the request's prefix-cache hashes: only requests with the same salt share cached KV
+    # (vLLM's cache_salt, for isolating tenants or experiments). Outputs never depend on it.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists from callers, store tuples (hashable, immutable).
@@ -101,6 +104,8 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"logprobs_mode must be 'processed' or 'raw', got {self.logprobs_mode!r}", "logprobs_mode"
             )
+        if self.cache_salt is not None and not isinstance(self.cache_salt, str):
+            raise InvalidRequestError("cache_salt must be a string", "cache_salt")
         for t in self.stop_token_ids:
             _check_int(t, "stop_token_ids", lo=0, hi=None if vocab_size is None else vocab_size - 1)
 

@@ -60,6 +60,8 @@ class ReplicaGroup:
     config: EngineConfig
     options: GroupOptions
     served_model_names: list[str] | None = None
+    # api.server.create_app's keyword options for every replica's app.
+    app_options: dict[str, Any] = field(default_factory=dict)
     replicas: list[Replica] = field(default_factory=list)
     weight_version: int = 0
     # Called with a replica's index when it leaves (failure) and when it (re)joins.
@@ -70,11 +72,11 @@ class ReplicaGroup:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
-    async def start(cls, config: EngineConfig, options: GroupOptions,
-                    served_model_names: list[str] | None = None) -> ReplicaGroup:
+    async def start(cls, config: EngineConfig, options: GroupOptions, served_model_names: list[str] | None = None,
+                    app_options: dict[str, Any] | None = None) -> ReplicaGroup:
         from ray.util.placement_group import placement_group
 
-        group = cls(config, options, served_model_names)
+        group = cls(config, options, served_model_names, dict(app_options or {}))
         bundle = {"CPU": options.num_cpus_per_replica}
         if options.num_gpus_per_replica:
             bundle["GPU"] = options.num_gpus_per_replica
@@ -91,7 +93,7 @@ class ReplicaGroup:
         actor = ray.remote(EngineReplica).options(
             num_cpus=self.options.num_cpus_per_replica, num_gpus=self.options.num_gpus_per_replica,
             scheduling_strategy=strategy, max_restarts=0, max_concurrency=1000,
-        ).remote(self.config, self.served_model_names)
+        ).remote(self.config, self.served_model_names, self.app_options)
         url = await asyncio.wait_for(actor.start.remote(), self.options.start_timeout_s)
         return Replica(index, actor, url)
 

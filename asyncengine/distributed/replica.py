@@ -52,9 +52,10 @@ class EngineReplica:
     """An AsyncEngine serving HTTP on `host` (a free port), plus control methods."""
 
     def __init__(self, config: EngineConfig, served_model_names: list[str] | None = None,
-                 host: str = "127.0.0.1") -> None:
+                 app_options: dict[str, Any] | None = None, host: str = "127.0.0.1") -> None:
         self.config = config
         self.names = served_model_names
+        self.app_options = dict(app_options or {})
         self.host = host
         self.engine: AsyncEngine | None = None
         self._runner: web.AppRunner | None = None
@@ -67,7 +68,7 @@ class EngineReplica:
         from asyncengine.async_engine import AsyncEngine
 
         self.engine = AsyncEngine.from_config(self.config)
-        app = create_app(self.engine, self.names)
+        app = create_app(self.engine, self.names, **self.app_options)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, 0)

@@ -34,7 +34,10 @@ def replica_config(config: EngineConfig, options: GroupOptions) -> EngineConfig:
     return config
 
 
-def serve_replicated(args: argparse.Namespace, config: EngineConfig, names: list[str] | None) -> None:
+def serve_replicated(args: argparse.Namespace, config: EngineConfig, names: list[str] | None,
+                     app_options: dict[str, Any]) -> None:
+    """The front on args.host:port over args.replicas replicas, each serving the single
+    server's app with `app_options` (api.server.create_app's keywords)."""
     import ray
     from aiohttp import web
 
@@ -47,7 +50,7 @@ def serve_replicated(args: argparse.Namespace, config: EngineConfig, names: list
     config = replica_config(config, options)
     tokenizer, block_size = _front_tokenizer(config), config.block_size
     loop = _new_loop(not getattr(args, "no_uvloop", False))
-    group = loop.run_until_complete(ReplicaGroup.start(config, options, names))
+    group = loop.run_until_complete(ReplicaGroup.start(config, options, names, app_options))
     front = Front(group, tokenizer, block_size, admin_key=args.admin_key,
                   allowed_weights_dir=Path(args.allowed_weights_dir) if args.allowed_weights_dir else None)
     app = front.app()
