@@ -109,15 +109,19 @@ class SessionEngine:
         return str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
 
     # -- one turn: begin -> open -> (iterate) -> commit -> release ----------------------
-    async def begin(self, session_id: str, messages: list[dict[str, Any]]) -> PendingTurn:
-        """Hold the session and build the turn's prompt. A session starts with a
-        conversation that has no assistant message yet; otherwise an unknown id is 404."""
+    async def begin(
+        self, session_id: str, messages: list[dict[str, Any]], render: Renderer | None = None
+    ) -> PendingTurn:
+        """Hold the session and build the turn's prompt (with `render` instead of the
+        engine's chat template if given). A session starts with a conversation that has
+        no assistant message yet; otherwise an unknown id is SessionNotFoundError."""
         await self.sweep()
         fresh = isinstance(messages, list) and not any(
             isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
         session = self.store.acquire(session_id, create=fresh)
+        renderer = self.renderer if render is None else TurnRenderer(render, self.engine.tokenizer)
         try:
-            ext = self.renderer.extend(session, messages) if session.turns else self.renderer.first(messages)
+            ext = renderer.extend(session, messages) if session.turns else renderer.first(messages)
         except BaseException:
             await self.release_session(session)
             raise
