@@ -15,8 +15,9 @@ from aiohttp import web
 
 from api.prompts import parse_chat, render_chat
 from api.protocol import APIError, bad
-from asyncengine.sessions import PendingTurn, SessionBusyError, SessionEngine, SessionError
+from api.server import json_response
 from asyncengine.sampling_params import SamplingParams
+from asyncengine.sessions import PendingTurn, SessionBusyError, SessionEngine, SessionError
 
 if TYPE_CHECKING:
     from api.generation import GenerationHandler
@@ -83,16 +84,12 @@ class SessionAPI:
             await self.sessions.release(turn)
 
     async def get(self, request: web.Request) -> web.Response:
-        from api.server import json_response
-
         try:
             return json_response(await self.sessions.episode(request.match_info["session_id"]))
         except SessionError as exc:
             raise api_error(exc) from exc
 
     async def delete(self, request: web.Request) -> web.Response:
-        from api.server import json_response
-
         sid = request.match_info["session_id"]
         try:
             if self.sessions.store.get(sid).busy:
