@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from asyncengine.async_engine import AsyncEngine
-from asyncengine.config import EngineConfig
 from asyncengine.sampling_params import InvalidRequestError, SamplingParams
 from asyncengine.sessions import (
     SessionBusyError,
@@ -17,6 +16,7 @@ from asyncengine.sessions import (
     SessionHistoryError,
     SessionNotFoundError,
 )
+from tests.test_server import make_engine as server_engine
 from tests.tiny_models import CHATML, load_hf
 
 BS = 16
@@ -28,11 +28,8 @@ STRIPPING = CHATML.replace("{{ m['content'] }}",
                            "{% else %}{{ m['content'] }}{% endif %}")
 
 
-def make_engine(model_dir: Path, **kw: Any) -> AsyncEngine:
-    base: dict[str, Any] = dict(model=str(model_dir), num_kv_blocks=96, max_model_len=512, num_threads=1,
-                                block_size=BS)
-    base.update(kw)
-    return AsyncEngine.from_config(EngineConfig(**base))
+def make_engine(model_dir: Path) -> AsyncEngine:
+    return server_engine(model_dir, num_kv_blocks=96, max_model_len=512, block_size=BS)
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,12 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from api.client import AsyncClient, BadRequestError, NotFoundError
-from api.server import create_app
 from asyncengine.async_engine import AsyncEngine
-from asyncengine.config import EngineConfig
+from tests.test_server import MODEL, client, make_engine  # noqa: F401  (client: the app fixture)
 
-MODEL = "tiny"
 BS = 16
 START = [{"role": "system", "content": "The quick brown fox jumps over the lazy dog."},
          {"role": "user", "content": "Hello world!"}]
@@ -22,16 +20,9 @@ START = [{"role": "system", "content": "The quick brown fox jumps over the lazy 
 
 @pytest.fixture(scope="module")
 def engine(llama_dir: Path):
-    eng = AsyncEngine.from_config(EngineConfig(model=str(llama_dir), num_kv_blocks=64, max_model_len=256,
-                                               num_threads=1, block_size=BS))
+    eng = make_engine(llama_dir, num_kv_blocks=64, block_size=BS)
     yield eng
     eng.shutdown()
-
-
-@pytest.fixture
-async def client(engine: AsyncEngine):
-    async with TestClient(TestServer(create_app(engine, [MODEL]))) as c:
-        yield c
 
 
 async def chat(client: TestClient, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:
