@@ -1,10 +1,16 @@
 """Live sessions' cached blocks are evicted last, within a cap of the pool: exact orders."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from asyncengine.block_pool import BlockPool
 from asyncengine.kv_cache_manager import KVCacheManager
 from asyncengine.request import Request
 from asyncengine.sampling_params import SamplingParams
+from asyncengine.sessions import SessionEngine
+from tests.test_server import make_engine
 
 
 def _cached_pool(n: int, cap: int) -> tuple[BlockPool, list]:
@@ -122,3 +128,26 @@ def test_a_stale_pin_never_unpins_a_reused_block() -> None:
     pool.pin(block)
     kv.unpin("s1")  # s1's record names the old generation: no effect
     assert block.pins == 1
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.0])
+async def test_a_live_session_keeps_its_cache_through_other_traffic(llama_dir: Path, fraction: float) -> None:
+    """24 blocks: a session's history (5 full blocks + 1 partial), then two 200-token
+    requests that each need 13. Protected, the history survives them; unprotected
+    (fraction 0) plain LRU evicts it, since it was freed before the first request's blocks."""
+    engine = make_engine(llama_dir, num_kv_blocks=24, block_size=16, session_kv_fraction=fraction)
+    try:
+        sessions = SessionEngine(engine)
+        msgs = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 3}]
+        r1 = await sessions.chat("live", msgs, SamplingParams(max_tokens=4, seed=0, ignore_eos=True))
+        history = r1.prompt_tokens + 4
+        assert (history - 1) // 16 == 5 and history <= 6 * 16
+        for start in (3, 103):
+            async for _ in engine.generate([start + i % 97 for i in range(200)], SamplingParams(max_tokens=1)):
+                pass
+        r2 = await sessions.chat("live", [*msgs, r1.message, {"role": "user", "content": "ok"}],
+                                 SamplingParams(max_tokens=1))
+        assert r2.cached_tokens == (5 * 16 if fraction else 0)
+        await sessions.delete("live")
+    finally:
+        engine.shutdown()
