@@ -7,7 +7,9 @@ same run is made twice, with the prefix cache on and off, each on a fresh server
 sampled tokens must be identical (the invariance contract), so both runs do the same
 work. Printed per run: output tokens/s, TTFT p50/p99 per turn, and the prefix-cache hit
 rate of reusable tokens (cached prompt tokens / the session history before each turn,
-turns 2..T; the best possible misses the history's last partial block).
+turns 2..T; the best possible misses the history's last partial block). A one-turn
+warm-up game runs first, so the shared opening (system prompt + first question) is
+already cached when the sessions start, as in a long RL run.
 
     python bench/agentic.py                          # default model, 32 sessions x 8 turns
     python bench/agentic.py --sessions 4 --turns 3 --max-tokens 8 --model /path/to/ckpt
@@ -69,7 +71,7 @@ def summarize(wall: float, results: list[EpisodeResult]) -> dict[str, Any]:
         for i, t in enumerate(r.turns):
             per_turn.setdefault(i + 1, []).append(t.ttft_s * 1e3)
     reusable = sum(t.history_tokens for t in later)
-    best = sum((t.history_tokens - 1) // 16 * 16 for t in later)
+    best = sum((t.history_tokens - 1) // 16 * 16 for t in later)  # the server's default block size
     out_tokens = sum(t.completion_tokens for t in turns)
     return {
         "wall_s": wall, "turns": len(turns), "output_tokens": out_tokens, "output_tok_s": out_tokens / wall,
