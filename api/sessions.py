@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from asyncengine.async_engine import RequestStream
 
 SESSION_HEADER = "X-Session-ID"
-_ERROR_TYPES = {404: "not_found_error", 409: "conflict_error"}
+_ERROR_TYPES = {404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}
 
 
 def api_error(exc: SessionError) -> APIError:

@@ -1,4 +1,4 @@
-"""TurnRenderer: the new suffix after the exact history, the EOS bridge, drift kinds."""
+"""TurnRenderer: the new suffix after the exact history, the EOS bridge, drift kinds; the store."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -60,3 +60,17 @@ def test_rewritten_reply_is_text_drift_and_resplit_tokens_are_token_drift(render
     ext = extend(renderer, s, "The")
     assert ext.drift is not None and ext.drift.kind == "tokens"
     assert ext.drift.sampled_token_ids == chars and ext.drift.template_token_ids == renderer.encode("The")
+
+
+def test_store_ids_limit_and_busy_flag() -> None:
+    from asyncengine.sessions import SessionBusyError, SessionError, SessionLimitError, SessionStore
+
+    store = SessionStore(ttl_s=5.0, clock=lambda: 0.0, max_sessions=1)
+    s = store.acquire("a", create=True)
+    with pytest.raises(SessionBusyError):
+        store.acquire("a", create=True)
+    with pytest.raises(SessionLimitError):
+        store.acquire("b", create=True)
+    with pytest.raises(SessionError):
+        store.acquire("bad id", create=True)
+    assert store.release(s) is True and len(store) == 0  # a first turn that never finished leaves nothing

@@ -16,6 +16,7 @@ from asyncengine.sessions.store import (
     SessionBusyError,
     SessionError,
     SessionHistoryError,
+    SessionLimitError,
     SessionNotFoundError,
     SessionStore,
     Turn,
@@ -23,5 +24,5 @@ from asyncengine.sessions.store import (
 
 __all__ = [
     "Drift", "PendingTurn", "Renderer", "Session", "SessionBusyError", "SessionEngine", "SessionError",
-    "SessionHistoryError", "SessionNotFoundError", "SessionReply", "SessionStore", "Turn", "TurnRenderer",
+    "SessionHistoryError", "SessionLimitError", "SessionNotFoundError", "SessionReply", "SessionStore", "Turn", "TurnRenderer",
 ]

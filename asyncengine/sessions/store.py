@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 _ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# Live sessions at most: a client opening ever more of them gets 429, not our memory.
+MAX_SESSIONS = 65536
 
 
 class SessionError(Exception):
@@ -34,6 +36,11 @@ class SessionNotFoundError(SessionError):
 class SessionBusyError(SessionError):
     status = 409
     code = "session_busy"
+
+
+class SessionLimitError(SessionError):
+    status = 429
+    code = "too_many_sessions"
 
 
 class SessionHistoryError(SessionError):
@@ -128,9 +135,12 @@ class Session:
 class SessionStore:
     """Sessions by id, with idle expiry (swept on every access)."""
 
-    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, ttl_s: float, clock: Callable[[], float] = time.monotonic, max_sessions: int = MAX_SESSIONS
+    ) -> None:
         self.ttl_s = ttl_s
         self.clock = clock
+        self.max_sessions = max_sessions
         self._sessions: dict[str, Session] = {}
 
     def __len__(self) -> int:
@@ -143,6 +153,8 @@ class SessionStore:
         if session is None:
             if not create:
                 raise SessionNotFoundError(f"session {session_id!r} does not exist (expired or deleted)")
+            if len(self._sessions) >= self.max_sessions:
+                raise SessionLimitError(f"{self.max_sessions} sessions are live; end some (DELETE) or wait")
             now = self.clock()
             session = self._sessions[session_id] = Session(session_id, time.time(), now)
         if session.busy:
