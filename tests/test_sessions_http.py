@@ -93,7 +93,7 @@ async def test_session_errors(client: TestClient, engine: AsyncEngine) -> None:
     status, body = await chat(client, {"messages": nxt, "session_id": "e", "max_tokens": 400})
     assert status == 400 and "maximum context length" in body["error"]["message"]
     # A turn in progress: a second turn and a DELETE are 409; the first one still completes.
-    first = asyncio.ensure_future(chat(client, {"messages": nxt, "session_id": "e", "max_tokens": 40,
+    first = asyncio.ensure_future(chat(client, {"messages": nxt, "session_id": "e", "max_tokens": 150,
                                                 "ignore_eos": True}))
     for _ in range(200):
         if engine.stats()["num_running"]:
