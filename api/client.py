@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -93,6 +94,8 @@ class Completion:
     model: str
     choices: list[Delta]
     usage: dict[str, Any]
+    # A session turn: {"id", "turn", "drift"} (see api/sessions.py); None otherwise.
+    session: dict[str, Any] | None = None
 
     @property
     def text(self) -> str:
@@ -219,6 +222,15 @@ class AsyncClient:
         except aiohttp.ClientConnectionError as exc:
             raise APIConnectionError(str(exc)) from exc
 
+    # -- exact-token sessions (pass session_id="..." to chat / stream_chat) -------------
+    async def get_session(self, session_id: str) -> dict[str, Any]:
+        """GET /v1/sessions/{id}: token_ids, loss_mask, logprobs, weight_versions, turns, drift."""
+        return await self._get(f"/v1/sessions/{quote(session_id, safe='')}")
+
+    async def delete_session(self, session_id: str) -> dict[str, Any]:
+        """DELETE /v1/sessions/{id}: end the session."""
+        return await self._request("DELETE", f"/v1/sessions/{quote(session_id, safe='')}", None)
+
     # -- other endpoints --------------------------------------------------------------
     async def tokenize(self, prompt: str | None = None, messages: list[dict[str, Any]] | None = None,
                        add_special_tokens: bool | None = None) -> list[int]:
@@ -270,5 +282,5 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
 def _completion(body: dict[str, Any]) -> Completion:
     return Completion(
         id=body["id"], model=body["model"], choices=[parse_choice(c) for c in body["choices"]],
-        usage=body.get("usage") or {},
+        usage=body.get("usage") or {}, session=body.get("session"),
     )

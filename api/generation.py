@@ -60,6 +60,8 @@ class GenerationHandler:
         get_parser(self.tool_parser)  # an unknown name fails at startup, not per request
         self.tokens = TokenStrings(engine.tokenizer)
         self.id_tokens = TokenStrings(engine.tokenizer, as_ids=True)
+        # Exact-token chat sessions (api/sessions.py sets it when it registers its routes).
+        self.sessions: Any = None
         # Longest prompt + output a request may need: the context, bounded by the KV pool.
         self.limit = min(engine.model_info.max_model_len, engine.kv_capacity_tokens)
 
@@ -70,23 +72,30 @@ class GenerationHandler:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
+        if self.sessions is not None and (sid := self.sessions.session_id(request, body)) is not None:
+            return await self.sessions.chat_turn(request, body, sid)
         info = self.engine.model_info
         req = parse_chat(body, self.engine.tokenizer, info.vocab_size, self.strict_fields, self.tool_parser)
         return await self.respond(request, req, "chatcmpl-", "chat.completion")
 
-    async def respond(self, request: web.Request, req: GenerationRequest, prefix: str, obj: str) -> web.StreamResponse:
-        """Run a parsed request and answer it (SSE or JSON); shared by every generating endpoint."""
+    async def respond(
+        self, request: web.Request, req: GenerationRequest, prefix: str, obj: str, turn: Any = None
+    ) -> web.StreamResponse:
+        """Run a parsed request and answer it (SSE or JSON); shared by every generating endpoint.
+        `turn` (api/sessions.py) opens the request itself and adds to the response head."""
         if req.model is not None and req.model not in self.served_names:
             raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
         t0 = time.perf_counter()
         rid = prefix + (req.request_id or uuid.uuid4().hex)
-        streams = await self._open(req, rid)
+        streams = await self._open(req, rid, turn)
         tokens = self.id_tokens if req.tokens_as_ids else self.tokens
         builders = [ChoiceBuilder(req, i, i // req.n, tokens) for i in range(len(streams))]
         head: dict[str, Any] = {"id": rid, "object": obj, "created": int(time.time()),
                                 "model": req.model or self.served_names[0]}
         if req.kind == "generate":  # vLLM's /inference/v1/generate answers with request_id only
             head = {"request_id": rid}
+        if turn is not None:
+            head.update(turn.head())
         try:
             if req.stream:
                 return await self._stream(request, req, streams, builders, head, t0)
@@ -96,17 +105,18 @@ class GenerationHandler:
                 s.abort()
             self.metrics.e2e.observe(time.perf_counter() - t0)
 
-    async def _open(self, req: GenerationRequest, rid: str) -> list[RequestStream]:
+    async def _open(self, req: GenerationRequest, rid: str, turn: Any = None) -> list[RequestStream]:
         """Admit every choice in one engine step boundary; on any error abort the others."""
         try:
             params = [req.params(i // req.n, i % req.n, self.limit) for i in range(len(req.prompts) * req.n)]
         except InvalidRequestError as exc:
             raise engine_error(exc) from exc
+        add = self.engine.add_request if turn is None else turn.add_request
         results = await asyncio.gather(
-            *(self.engine.add_request(req.prompts[i // req.n], p, f"{rid}-{i}") for i, p in enumerate(params)),
+            *(add(req.prompts[i // req.n], p, f"{rid}-{i}") for i, p in enumerate(params)),
             return_exceptions=True,
         )
-        streams = [r for r in results if isinstance(r, RequestStream)]
+        streams = [r for r in results if not isinstance(r, BaseException)]
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for s in streams:

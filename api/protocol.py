@@ -69,7 +69,7 @@ CHAT_FIELDS = {
     **_COMMON, "messages": "any", "logprobs": "bool", "top_logprobs": "int", "chat_template_kwargs": "object",
     "chat_template": "str", "add_generation_prompt": "bool", "tools": "list", "tool_choice": "any",
     "parallel_tool_calls": "bool", "response_format": "object", "functions": "list", "function_call": "any",
-    "modalities": "list", "reasoning_effort": "str",
+    "modalities": "list", "reasoning_effort": "str", "session_id": "str",
 }
 _KIND_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,), "number": (int, float), "bool": (bool,), "str": (str,), "object": (dict,), "list": (list,),

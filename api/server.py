@@ -82,6 +82,9 @@ def create_app(
     app.router.add_post("/tokenize", info.tokenize)
     app.router.add_post("/detokenize", info.detokenize)
     app.router.add_get("/tokenizer_info", info.tokenizer_info)
+    from api.sessions import add_session_routes
+
+    add_session_routes(app, gen)  # session_id on chat completions; GET / DELETE /v1/sessions/{id}
     if shutdown_engine:
         async def _stop(_: web.Application) -> None:
             engine.shutdown()

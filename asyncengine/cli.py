@@ -29,6 +29,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel-backend", default=d.kernel_backend, choices=["auto", "cpu", "torch", "triton"])
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--session-ttl", type=float, default=d.session_ttl_s, help="seconds an idle session lives")
+    p.add_argument("--session-kv-fraction", type=float, default=d.session_kv_fraction,
+                   help="share of the KV pool whose live-session blocks are evicted last")
 
 
 def config_from_args(a: argparse.Namespace) -> EngineConfig:
@@ -49,6 +52,8 @@ def config_from_args(a: argparse.Namespace) -> EngineConfig:
         kernel_backend=a.kernel_backend,
         num_threads=a.num_threads,
         seed=a.seed,
+        session_ttl_s=a.session_ttl,
+        session_kv_fraction=a.session_kv_fraction,
     )
 
 

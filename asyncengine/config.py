@@ -58,6 +58,11 @@ class EngineConfig:
     seed: int = 0
     # Bound of the waiting queue; past it add_request raises EngineOverloaded.
     max_waiting: int = 4096
+    # Exact-token sessions (asyncengine/sessions/): a session idle this long expires.
+    session_ttl_s: float = 600.0
+    # Largest share of the KV pool that live sessions' free cached blocks may hold while
+    # they are evicted last (after every other free block).
+    session_kv_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -82,6 +87,8 @@ class EngineConfig:
             raise ConfigError(f"kernel_backend must be auto, cpu, torch or triton, got {self.kernel_backend!r}")
         if self.max_waiting < 1:
             raise ConfigError("max_waiting must be at least 1")
+        if self.session_ttl_s <= 0 or not 0.0 <= self.session_kv_fraction <= 1.0:
+            raise ConfigError("session_ttl_s must be positive and session_kv_fraction in [0, 1]")
 
     @property
     def head_dtype(self) -> str:

@@ -47,7 +47,8 @@ class EngineCore:
         )
         per_block = ModelRunner.kv_bytes_per_block(args, config.block_size, config.dtype)
         num_blocks = config.num_kv_blocks or max(2, int(config.kv_cache_memory_gb * 2**30 // per_block))
-        self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
+        cap = int(config.session_kv_fraction * num_blocks)  # live sessions' blocks evicted last, up to this
+        self.pool = BlockPool(num_blocks, config.enable_prefix_caching, cap)
         self.kv = KVCacheManager(self.pool, config.block_size)
         self.scheduler = Scheduler(config, self.kv, max_len)
         self.runner = ModelRunner(self.model, config, num_blocks)
@@ -235,6 +236,7 @@ class EngineCore:
             "num_waiting": len(self.scheduler.waiting),
             "kv_usage": self.pool.usage,
             "num_free_blocks": self.pool.num_free_blocks,
+            "num_protected_blocks": self.pool.num_protected_blocks,
             "num_total_blocks": self.pool.num_blocks,
             "prefix_query_tokens": kv.num_query_tokens,
             "prefix_hit_tokens": kv.num_hit_tokens,

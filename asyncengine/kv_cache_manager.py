@@ -37,6 +37,11 @@ class KVCacheManager:
         self._hashes: dict[str, tuple[int, list[BlockHash]]] = {}
         # request_id -> number of its blocks already registered in the prefix cache
         self._num_registered: dict[str, int] = {}
+        # Session pins: owner -> the request whose blocks it pins once they are freed,
+        # and owner -> the (block, generation) pairs it pins now.
+        self._pin_request: dict[str, str] = {}
+        self._pin_owner: dict[str, str] = {}  # the reverse: request_id -> owner
+        self._pins: dict[str, list[tuple[Block, int]]] = {}
         # Prefix-cache counters, in tokens, over admissions.
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
@@ -101,12 +106,39 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         blocks = self._blocks.pop(request.request_id, [])
+        owner = self._pin_owner.get(request.request_id)
+        if owner is not None:  # before the free, so pinned blocks join the protected queue
+            self._repin(owner, blocks)
         self.pool.free(list(reversed(blocks)))
         self._hashes.pop(request.request_id, None)
         self._num_registered.pop(request.request_id, None)
 
+    def pin_request(self, request_id: str, owner: str) -> None:
+        """When request_id's blocks are freed (finish or preemption), `owner` (a live
+        session) pins their cached ones instead of what it pinned before, so they are
+        evicted last. The request may not be admitted yet."""
+        self._pin_owner.pop(self._pin_request.get(owner, ""), None)
+        self._pin_request[owner] = request_id
+        self._pin_owner[request_id] = owner
+
+    def unpin(self, owner: str) -> None:
+        """The session ended: drop its pins and its pending request pin."""
+        self._pin_owner.pop(self._pin_request.pop(owner, ""), None)
+        self._repin(owner, [])
+        self._pins.pop(owner, None)
+
+    def _repin(self, owner: str, blocks: list[Block]) -> None:
+        new = [(b, b.generation) for b in blocks if b.block_hash is not None]
+        for block, _ in new:  # pin first: blocks in both sets never pass through zero
+            self.pool.pin(block)
+        for block, generation in self._pins.get(owner, []):
+            if block.generation == generation:  # else evicted since: the pin went with it
+                self.pool.unpin(block)
+        self._pins[owner] = new
+
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()
+        self._pins.clear()  # the pool dropped every pin with the hashes
         # Running requests re-register their blocks under a fresh chain on next fill.
         self._num_registered = {rid: 0 for rid in self._num_registered}
         self._hashes.clear()

@@ -42,7 +42,7 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: f
 def base_url(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "asyncengine.cli", "serve", "--model", str(llama_dir), "--port", str(port),
-           "--served-model-name", MODEL, "--num-threads", "1", "--max-model-len", "256", "--num-kv-blocks", "256"]
+           "--served-model-name", MODEL, "--num-threads", "1", "--max-model-len", "512", "--num-kv-blocks", "256"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     log = tmp_path_factory.mktemp("server") / "server.log"
     with log.open("wb") as out:  # a file, not a pipe: a full pipe would stall the server
