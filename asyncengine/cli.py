@@ -27,6 +27,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gemm-tile-rows", type=int, default=d.gemm_tile_rows,
                    help="rows per BLAS GEMM call in deterministic mode: bf16, torch backend (default %(default)s)")
     p.add_argument("--kernel-backend", default=d.kernel_backend, choices=["auto", "cpu", "torch", "triton"])
+    p.add_argument("--device", default=d.device, help='"cpu", "cuda" or "cuda:N" (CUDA runs the Triton kernels)')
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=d.seed)
 
@@ -49,6 +50,7 @@ def config_from_args(a: argparse.Namespace) -> EngineConfig:
         kernel_backend=a.kernel_backend,
         num_threads=a.num_threads,
         seed=a.seed,
+        device=a.device,
     )
 
 

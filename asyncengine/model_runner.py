@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from asyncengine import sampler
-from asyncengine.config import EngineConfig
+from asyncengine.config import ConfigError, EngineConfig
 from asyncengine.models.args import ModelArgs, rope_inv_freq
 from asyncengine.models.llama import LlamaModel
 from asyncengine.models.weights import load_weights, read_safetensors
@@ -22,6 +22,14 @@ def load_model(model_dir: Path, config: EngineConfig) -> tuple[LlamaModel, objec
     """Read config + safetensors of an HF checkpoint directory into our model."""
     from transformers import AutoConfig
 
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={config.device!r}, but this torch ({torch.__version__}) sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={config.device!r}, but there are {torch.cuda.device_count()} CUDA devices")
+        if device.index is not None:  # Triton launches on the current device
+            torch.cuda.set_device(device)
     hf_config = AutoConfig.from_pretrained(str(model_dir))
     args = ModelArgs.from_hf_config(hf_config)
     inv_freq, scaling = rope_inv_freq(hf_config, args.head_dim)
@@ -62,12 +70,15 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         if not sched.scheduled:
             return ModelRunnerOutput(samples={}, prompt_logprobs={})
-        input_ids, meta = self._prepare(sched)
+        input_ids, meta, rows, row_index, sample_reqs, plp_slices = self._prepare(sched)
         hidden = self.model.forward(input_ids, meta, self.kv_caches)  # [T, H]
-        rows, sample_reqs, plp_slices = self._logit_rows(sched, meta)
         if not rows:
             return ModelRunnerOutput(samples={}, prompt_logprobs={})
-        logits = self.model.compute_logits(_take_rows(hidden, rows))  # [R, V] fp32
+        logits = self.model.compute_logits(_take_rows(hidden, rows, row_index))  # [R, V] fp32
+        if logits.device.type != "cpu":
+            # The step's one synchronization: the sampler runs the logprob contract's own
+            # functions (asyncengine.logprobs, what a trainer calls) on the host copy.
+            logits = logits.cpu()
         samples: dict[str, SampleResult] = {}
         if sample_reqs:
             results = sampler.sample(_take_rows(logits, [i for i, _ in sample_reqs]), [r for _, r in sample_reqs])
@@ -80,7 +91,12 @@ class ModelRunner:
             )
         return ModelRunnerOutput(samples=samples, prompt_logprobs=plps)
 
-    def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, AttentionMetadata]:
+    def _prepare(self, sched: SchedulerOutput) -> tuple[
+        torch.Tensor, AttentionMetadata, list[int], torch.Tensor | None,
+        list[tuple[int, Request]], list[tuple[Request, int, tuple[int, int]]],
+    ]:
+        """The step's inputs on the device, the rows that need logits (with their index
+        tensor on CUDA) and who samples or scores which row."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -88,7 +104,7 @@ class ModelRunner:
         qsl = [0]
         seq_lens: list[int] = []
         width = max(len(s.block_ids) for s in sched.scheduled)
-        tables: list[list[int]] = []
+        tables: list[int] = []  # [S * width], row-major
         for s in sched.scheduled:
             end = s.start + s.num_new_tokens
             ids.extend(s.request.all_token_ids[s.start : end])
@@ -97,22 +113,25 @@ class ModelRunner:
             slots.extend(s.block_ids[p // bs] * bs + p % bs for p in pos)
             qsl.append(qsl[-1] + s.num_new_tokens)
             seq_lens.append(end)
-            tables.append(s.block_ids + [0] * (width - len(s.block_ids)))
-        dev = self.config.device
+            tables.extend(s.block_ids + [0] * (width - len(s.block_ids)))
+        rows, sample_reqs, plp = self._logit_rows(sched, qsl)
+        on_cuda = torch.device(self.config.device).type == "cuda"
+        parts = [ids, qsl, seq_lens, tables, slots, positions] + ([rows] if on_cuda else [])
+        t = _int64_tensors(parts, self.config.device, on_cuda)
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            query_start_loc=t[1],
+            seq_lens=t[2],
+            block_tables=t[3].view(len(seq_lens), width),
+            slot_mapping=t[4],
+            positions=t[5],
             query_start_loc_list=qsl,
             seq_lens_list=seq_lens,
         )
-        return torch.tensor(ids, dtype=torch.int64, device=dev), meta
+        return t[0], meta, rows, t[6] if on_cuda else None, sample_reqs, plp
 
     @staticmethod
     def _logit_rows(
-        sched: SchedulerOutput, meta: AttentionMetadata
+        sched: SchedulerOutput, qsl: list[int]
     ) -> tuple[list[int], list[tuple[int, Request]], list[tuple[Request, int, tuple[int, int]]]]:
         """Hidden rows that need logits: prompt-logprob positions, then the last row of
         each request that samples. Returns (rows, [(logit row, request)], prompt slices)."""
@@ -120,7 +139,7 @@ class ModelRunner:
         sample_reqs: list[tuple[int, Request]] = []
         plp: list[tuple[Request, int, tuple[int, int]]] = []
         for i, s in enumerate(sched.scheduled):
-            first = meta.query_start_loc_list[i]
+            first = qsl[i]
             if s.prompt_logprob_range is not None:
                 lo, hi = s.prompt_logprob_range
                 plp.append((s.request, len(rows), (lo, hi)))
@@ -131,9 +150,22 @@ class ModelRunner:
         return rows, sample_reqs, plp
 
 
-def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+def _int64_tensors(parts: list[list[int]], device: str, on_cuda: bool) -> list[torch.Tensor]:
+    """One int64 tensor per list on the device. On CUDA the lists are written once into
+    one pinned host buffer and cross in one non-blocking copy (no wait here; the step's
+    only synchronization is its logits coming back); on CPU each list is its own tensor."""
+    if not on_cuda:
+        return [torch.tensor(p, dtype=torch.int64, device=device) for p in parts]
+    flat = [v for p in parts for v in p]
+    host = torch.tensor(flat, dtype=torch.int64, pin_memory=True)  # [sum of lengths]
+    return list(host.to(device, non_blocking=True).split([len(p) for p in parts]))
+
+
+def _take_rows(x: torch.Tensor, rows: list[int], index: torch.Tensor | None = None) -> torch.Tensor:
     """x[rows] ([len(rows), ...]); x itself when rows are all of x in order (every decode
-    step), sparing a copy of [R, V] logits."""
+    step), sparing a copy of [R, V] logits. index: rows already as a tensor on x's device."""
     if len(rows) == x.shape[0] and rows == list(range(len(rows))):
         return x
-    return x.index_select(0, torch.tensor(rows, dtype=torch.int64, device=x.device))
+    if index is None:
+        index = torch.tensor(rows, dtype=torch.int64, device=x.device)
+    return x.index_select(0, index)
