@@ -240,7 +240,7 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, den, acc
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_seqs"])  # one compiled kernel for every batch
     def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
         q_stride_t, q_stride_h, bt_stride, num_seqs, scale,

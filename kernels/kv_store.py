@@ -30,7 +30,7 @@ STORE_TOKENS = 16  # new tokens per program (a plain copy: grouping changes no b
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens"])  # one compiled kernel for every batch
     def _store_kv_kernel(
         key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_tokens,
         k_stride_t, k_stride_h, v_stride_t, v_stride_h,

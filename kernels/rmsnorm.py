@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens"])  # one compiled kernel for every batch
     def _rms_norm_kernel(
         x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr,
         num_tokens, hidden, eps,

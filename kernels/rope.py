@@ -76,7 +76,7 @@ if triton is not None:
         tl.store(dst, y1, mask=mask)
         tl.store(dst + half, y2, mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens"])  # one compiled kernel for every batch
     def _rope_kernel(
         q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cs_ptr, num_tokens,
         q_stride_t, q_stride_h, k_stride_t, k_stride_h,
