@@ -15,17 +15,18 @@
 #   bash scripts/gpu_check.sh --fetch-wheels   # on a machine with pip access, beforehand:
 #                                              # wheels of packages the GPU machine lacks
 #                                              # (orjson, pytest-asyncio) into .whl/
-# On the GPU machine, wheels found in .whl/ are installed into a private target first.
+#                                              # (git-ignored: name it in the device
+#                                              # tool's `carry` so it travels)
+# In the GPU mode, wheels found in .whl/ are installed into a private target first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 mode=${1:-gpu}
-WHEELS=("orjson==3.11.4" "pytest-asyncio==1.2.0")
+WHEELS=("orjson==3.13.0" "pytest-asyncio==1.5.0")
 
 case "$mode" in
   --fetch-wheels)
     mkdir -p .whl
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> "$(git rev-parse --git-path info/exclude)"
     "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d .whl "${WHEELS[@]}"
@@ -35,7 +36,7 @@ case "$mode" in
   *) echo "usage: $0 [--cpu-reduced | --fetch-wheels]" >&2; exit 2 ;;
 esac
 
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ "$mode" = gpu ] && compgen -G ".whl/*.whl" >/dev/null; then  # built for the GPU machine's Python
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/asyncengine-site .whl/*.whl
   export PYTHONPATH=/tmp/asyncengine-site${PYTHONPATH:+:$PYTHONPATH}
 fi
