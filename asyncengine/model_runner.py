@@ -22,6 +22,21 @@ def load_model(model_dir: Path, config: EngineConfig) -> tuple[LlamaModel, objec
     """Read config + safetensors of an HF checkpoint directory into our model."""
     from transformers import AutoConfig
 
+    _check_device(config)
+    hf_config = AutoConfig.from_pretrained(str(model_dir))
+    args = ModelArgs.from_hf_config(hf_config)
+    inv_freq, scaling = rope_inv_freq(hf_config, args.head_dim)
+    ops = get_ops(config.kernel_backend, config.device)
+    if ops.name == "triton" and config.device == "cpu" and "bfloat16" in (config.dtype, config.head_dtype):
+        # The interpreter computes bf16 on raw bit patterns: only fp32 is exact there.
+        raise ConfigError('kernel_backend="triton" on CPU (the Triton interpreter) runs fp32 only')
+    model = LlamaModel(args, inv_freq, scaling, ops, DTYPES[config.dtype], DTYPES[config.head_dtype],
+                       config.deterministic, config.device, config.gemm_tile_rows)
+    load_weights(model, read_safetensors(model_dir))
+    return model, hf_config
+
+
+def _check_device(config: EngineConfig) -> None:
     device = torch.device(config.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -30,22 +45,6 @@ def load_model(model_dir: Path, config: EngineConfig) -> tuple[LlamaModel, objec
             raise ConfigError(f"device={config.device!r}, but there are {torch.cuda.device_count()} CUDA devices")
         if device.index is not None:  # Triton launches on the current device
             torch.cuda.set_device(device)
-    hf_config = AutoConfig.from_pretrained(str(model_dir))
-    args = ModelArgs.from_hf_config(hf_config)
-    inv_freq, scaling = rope_inv_freq(hf_config, args.head_dim)
-    model = LlamaModel(
-        args,
-        inv_freq,
-        scaling,
-        get_ops(config.kernel_backend, config.device),
-        DTYPES[config.dtype],
-        DTYPES[config.head_dtype],
-        config.deterministic,
-        config.device,
-        config.gemm_tile_rows,
-    )
-    load_weights(model, read_safetensors(model_dir))
-    return model, hf_config
 
 
 class ModelRunner:
@@ -70,15 +69,22 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         if not sched.scheduled:
             return ModelRunnerOutput(samples={}, prompt_logprobs={})
+        device = torch.device(self.config.device)
+        if device.type == "cuda" and device.index is not None:
+            # The current device is per thread, and Triton launches on it: steps may run
+            # on another thread than the one that loaded the model.
+            with torch.cuda.device(device):
+                return self._execute(sched)
+        return self._execute(sched)
+
+    def _execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         input_ids, meta, rows, row_index, sample_reqs, plp_slices = self._prepare(sched)
         hidden = self.model.forward(input_ids, meta, self.kv_caches)  # [T, H]
         if not rows:
             return ModelRunnerOutput(samples={}, prompt_logprobs={})
         logits = self.model.compute_logits(_take_rows(hidden, rows, row_index))  # [R, V] fp32
-        if logits.device.type != "cpu":
-            # The step's one synchronization: the sampler runs the logprob contract's own
-            # functions (asyncengine.logprobs, what a trainer calls) on the host copy.
-            logits = logits.cpu()
+        if logits.device.type == "cuda":
+            logits = _to_host(logits)
         samples: dict[str, SampleResult] = {}
         if sample_reqs:
             results = sampler.sample(_take_rows(logits, [i for i, _ in sample_reqs]), [r for _, r in sample_reqs])
@@ -159,6 +165,16 @@ def _int64_tensors(parts: list[list[int]], device: str, on_cuda: bool) -> list[t
     flat = [v for p in parts for v in p]
     host = torch.tensor(flat, dtype=torch.int64, pin_memory=True)  # [sum of lengths]
     return list(host.to(device, non_blocking=True).split([len(p) for p in parts]))
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """The step's one synchronization: fp32 logits into pinned host memory. The sampler
+    then runs the logprob contract's own functions (asyncengine.logprobs, what a trainer
+    calls) on the host copy, the same bits as on the CPU engine for the same logits."""
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)  # [R, V]
+    host.copy_(x, non_blocking=True)
+    torch.cuda.current_stream(x.device).synchronize()
+    return host
 
 
 def _take_rows(x: torch.Tensor, rows: list[int], index: torch.Tensor | None = None) -> torch.Tensor:

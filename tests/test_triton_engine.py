@@ -126,6 +126,13 @@ def test_cuda_bf16_near_hf_fp32_and_invariant(tiny_dirs: dict[str, Path], _: Non
     assert (torch.tensor(alone.logprobs) - want).abs().max() <= 0.05
 
 
+def test_interpreter_refuses_bf16(tiny_dirs: dict[str, Path]) -> None:
+    interpreted_or_skip()
+    for dtypes in ({"dtype": "bfloat16"}, {"lm_head_dtype": "bfloat16"}):
+        with pytest.raises(ConfigError, match="runs fp32 only"):
+            EngineCore(EngineConfig(model=str(tiny_dirs["llama"]), kernel_backend="triton", **dtypes))  # type: ignore[arg-type]
+
+
 def test_cuda_device_errors_are_clear(tiny_dirs: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match="device must be"):
         EngineConfig(device="gpu")
