@@ -1,6 +1,7 @@
 """Builds the batch tensors of a step, runs the model, computes fp32 logits and samples."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +48,18 @@ def _check_device(config: EngineConfig) -> None:
             torch.cuda.set_device(device)
 
 
+@dataclass(slots=True)
+class StepInputs:
+    """One step's model inputs and who needs which logit row."""
+
+    input_ids: torch.Tensor  # [T] int64, on the device
+    meta: AttentionMetadata
+    rows: list[int]  # hidden rows that need logits: prompt-logprob positions, then samplers
+    row_index: torch.Tensor | None  # [R] int64 `rows` on the device (CUDA only; else built if needed)
+    sample_reqs: list[tuple[int, Request]]  # (logit row, request) of each request that samples
+    plp_slices: list[tuple[Request, int, tuple[int, int]]]  # (request, first logit row, prompt range)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, config: EngineConfig, num_blocks: int) -> None:
         self.model = model
@@ -78,31 +91,27 @@ class ModelRunner:
         return self._execute(sched)
 
     def _execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        input_ids, meta, rows, row_index, sample_reqs, plp_slices = self._prepare(sched)
-        hidden = self.model.forward(input_ids, meta, self.kv_caches)  # [T, H]
-        if not rows:
+        step = self._prepare(sched)
+        hidden = self.model.forward(step.input_ids, step.meta, self.kv_caches)  # [T, H]
+        if not step.rows:
             return ModelRunnerOutput(samples={}, prompt_logprobs={})
-        logits = self.model.compute_logits(_take_rows(hidden, rows, row_index))  # [R, V] fp32
+        logits = self.model.compute_logits(_take_rows(hidden, step.rows, step.row_index))  # [R, V] fp32
         if logits.device.type == "cuda":
             logits = _to_host(logits)
         samples: dict[str, SampleResult] = {}
+        sample_reqs = step.sample_reqs
         if sample_reqs:
             results = sampler.sample(_take_rows(logits, [i for i, _ in sample_reqs]), [r for _, r in sample_reqs])
             samples = {r.request_id: res for (_, r), res in zip(sample_reqs, results)}
         plps: dict[str, PromptLogprobs] = {}
-        for req, lo_row, (lo, hi) in plp_slices:
+        for req, lo_row, (lo, hi) in step.plp_slices:
             targets = req.prompt_token_ids[lo + 1 : hi + 1]
             plps[req.request_id] = sampler.prompt_logprobs(
                 logits[lo_row : lo_row + hi - lo], targets, req.params.prompt_logprobs or 0
             )
         return ModelRunnerOutput(samples=samples, prompt_logprobs=plps)
 
-    def _prepare(self, sched: SchedulerOutput) -> tuple[
-        torch.Tensor, AttentionMetadata, list[int], torch.Tensor | None,
-        list[tuple[int, Request]], list[tuple[Request, int, tuple[int, int]]],
-    ]:
-        """The step's inputs on the device, the rows that need logits (with their index
-        tensor on CUDA) and who samples or scores which row."""
+    def _prepare(self, sched: SchedulerOutput) -> StepInputs:
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -133,7 +142,7 @@ class ModelRunner:
             query_start_loc_list=qsl,
             seq_lens_list=seq_lens,
         )
-        return t[0], meta, rows, t[6] if on_cuda else None, sample_reqs, plp
+        return StepInputs(t[0], meta, rows, t[6] if on_cuda else None, sample_reqs, plp)
 
     @staticmethod
     def _logit_rows(

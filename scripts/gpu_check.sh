@@ -6,7 +6,8 @@
 #      (parity vs HF transformers on the same GPU: fp32 <= 1e-4, bf16 <= 0.05 nats;
 #      needle, chunked-prefill and prefix-cache invariance, bitwise);
 #   2. prefill-heavy and decode-heavy workloads, ours vs HF `generate` on the same GPU:
-#      tokens/s and the ratio (bench/device_throughput.py), fp32 and bf16.
+#      tokens/s and the ratio (bench/device_throughput.py), fp32 and bf16;
+#   3. each op at SmolLM2's shapes, torch (cuBLAS for the linear layers) vs Triton.
 # Usage:
 #   bash scripts/gpu_check.sh                  # on a CUDA machine, <= 8 minutes
 #   bash scripts/gpu_check.sh --cpu-reduced    # anywhere: the same steps on CPU under the
@@ -51,7 +52,9 @@ if [ "$mode" = gpu ]; then
   echo "== 1. CUDA tests"
   timeout 300 "$py" -m pytest -q -m cuda -rs tests/kernels/test_matmul.py tests/test_triton_engine.py
   echo "== 2. ours vs HF generate (SmolLM2-135M config, random weights)"
-  timeout 330 "$py" bench/device_throughput.py --device cuda --config smollm2 --dtypes float32,bfloat16
+  timeout 300 "$py" bench/device_throughput.py --device cuda --config smollm2 --dtypes float32,bfloat16
+  echo "== 3. kernels at SmolLM2 shapes, torch (cuBLAS) vs Triton"
+  timeout 60 "$py" bench/kernels.py --repeats 10
 else
   export TRITON_INTERPRET=1
   echo "== 1. CUDA tests (reduced: they must skip cleanly without a GPU)"
