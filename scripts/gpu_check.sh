@@ -9,7 +9,7 @@
 #      tokens/s and the ratio (bench/device_throughput.py), fp32 and bf16;
 #   3. each op at SmolLM2's shapes, torch (cuBLAS for the linear layers) vs Triton.
 # Usage:
-#   bash scripts/gpu_check.sh                  # on a CUDA machine, <= 8 minutes
+#   bash scripts/gpu_check.sh                  # on a CUDA machine, <= 8 minutes (step timeouts)
 #   bash scripts/gpu_check.sh --cpu-reduced    # anywhere: the same steps on CPU under the
 #                                              # Triton interpreter, tiny sizes (the CUDA
 #                                              # tests skip; proves the script end to end)
@@ -43,6 +43,7 @@ if [ "$mode" = gpu ] && compgen -G ".whl/*.whl" >/dev/null; then  # built for th
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 start=$(date +%s)
+rc=0  # every step runs even when an earlier one fails; the exit status says if any did
 
 if [ "$mode" = gpu ]; then
   # The compiled kernels, never the interpreter (tests/conftest.py defaults it to 1).
@@ -50,17 +51,18 @@ if [ "$mode" = gpu ]; then
   "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
   "$py" -c "import triton; print('triton', triton.__version__)"
   echo "== 1. CUDA tests"
-  timeout 300 "$py" -m pytest -q -m cuda -rs tests/kernels/test_matmul.py tests/test_triton_engine.py
+  timeout 150 "$py" -m pytest -q -m cuda -rs tests/kernels/test_matmul.py tests/test_triton_engine.py || rc=1
   echo "== 2. ours vs HF generate (SmolLM2-135M config, random weights)"
-  timeout 300 "$py" bench/device_throughput.py --device cuda --config smollm2 --dtypes float32,bfloat16
+  timeout 270 "$py" bench/device_throughput.py --device cuda --config smollm2 --dtypes float32,bfloat16 || rc=1
   echo "== 3. kernels at SmolLM2 shapes, torch (cuBLAS) vs Triton"
-  timeout 60 "$py" bench/kernels.py --repeats 10
+  timeout 50 "$py" bench/kernels.py --repeats 10 || rc=1
 else
   export TRITON_INTERPRET=1
   echo "== 1. CUDA tests (reduced: they must skip cleanly without a GPU)"
-  timeout 300 "$py" -m pytest -q -m cuda -rs tests/kernels/test_matmul.py tests/test_triton_engine.py
+  timeout 300 "$py" -m pytest -q -m cuda -rs tests/kernels/test_matmul.py tests/test_triton_engine.py || rc=1
   echo "== 2. ours (Triton interpreter) vs HF generate on CPU, tiny config"
   timeout 300 "$py" bench/device_throughput.py --device cpu --config tiny --kernel-backend triton \
-    --dtypes float32 --scale 0.03 --max-prompt-len 20 --new-tokens 2
+    --dtypes float32 --scale 0.03 --max-prompt-len 20 --new-tokens 2 || rc=1
 fi
-echo "gpu_check ($mode) done in $(( $(date +%s) - start )) s"
+echo "gpu_check ($mode) done in $(( $(date +%s) - start )) s, status $rc"
+exit $rc

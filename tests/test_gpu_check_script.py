@@ -22,7 +22,7 @@ def test_gpu_check_reduced_mode_runs_end_to_end() -> None:
     for workload in ("prefill", "decode"):
         assert re.search(rf"{workload} +2 prompts x 2 new: ours +[\d.]+ tok/s \| HF generate +[\d.]+ tok/s \| "
                          rf"ratio +[\d.]+x", out), out
-    assert "gpu_check (--cpu-reduced) done" in out
+    assert "gpu_check (--cpu-reduced) done" in out and out.rstrip().endswith("status 0")
 
 
 def test_gpu_check_rejects_unknown_mode() -> None:

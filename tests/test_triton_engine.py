@@ -12,7 +12,8 @@ Each test runs on two devices:
 Checked: greedy tokens equal HF `generate` and logprobs equal HF's fp32 log-softmax
 (1e-5 on CPU against HF on CPU, 1e-4 on a GPU against HF on the same GPU); bitwise
 invariance of tokens, logprobs and top-N for a request alone vs among others, under two
-chunked-prefill budgets, and on a prefix-cache hit vs a cold engine.
+chunked-prefill budgets, and on a prefix-cache hit vs a cold engine; on a GPU also
+batch size 1 vs 16 and preemption with recompute.
 """
 from __future__ import annotations
 
@@ -105,6 +106,19 @@ def test_prefix_cache_hit_vs_cold(tiny_dirs: dict[str, Path], device: str) -> No
     second = run(warm, [req])
     assert warm.stats()["prefix_hit_tokens"] - hits == 32  # two full blocks of 16 reused
     assert first == want and second == want
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=CUDA)])
+def test_cuda_preemption_and_batch_size(tiny_dirs: dict[str, Path], _: None) -> None:
+    """The other perturbations, where steps are cheap: 16 requests one at a time vs all
+    at once, and a pool so small that requests are preempted and recomputed."""
+    rng = random.Random("triton-preempt")
+    reqs = [Req(f"r{i}", random_prompt(rng, rng.randint(20, 60), VOCAB), _sampled(i, 16)) for i in range(16)]
+    want = run(_engine(tiny_dirs["qwen3"], "cuda", max_num_seqs=1), reqs)
+    assert diff(run(_engine(tiny_dirs["qwen3"], "cuda", max_num_seqs=16), reqs), want) == []
+    small = EngineCore(EngineConfig(model=str(tiny_dirs["qwen3"]), device="cuda", num_kv_blocks=8))
+    assert diff(run(small, reqs), want) == []
+    assert small.stats()["num_preemptions"] > 0
 
 
 @pytest.mark.parametrize("_", [pytest.param(None, marks=CUDA)])
