@@ -4,7 +4,8 @@
 # for speed).
 #   1. the CUDA-marked tests: kernels (fp32 IEEE, bf16, row invariance) and the engine
 #      (parity vs HF transformers on the same GPU: fp32 <= 1e-4, bf16 <= 0.05 nats;
-#      needle, chunked-prefill and prefix-cache invariance, bitwise);
+#      needle, batch-size, chunked-prefill, prefix-cache and preemption invariance,
+#      bitwise);
 #   2. prefill-heavy and decode-heavy workloads, ours vs HF `generate` on the same GPU:
 #      tokens/s and the ratio (bench/device_throughput.py), fp32 and bf16;
 #   3. each op at SmolLM2's shapes, torch (cuBLAS for the linear layers) vs Triton.
