@@ -27,6 +27,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gemm-tile-rows", type=int, default=d.gemm_tile_rows,
                    help="rows per BLAS GEMM call in deterministic mode: bf16, torch backend (default %(default)s)")
     p.add_argument("--kernel-backend", default=d.kernel_backend, choices=["auto", "cpu", "torch", "triton"])
+    p.add_argument("--device", default=d.device, help='"cpu", "cuda" or "cuda:N" (CUDA runs the Triton kernels)')
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--session-ttl", type=float, default=d.session_ttl_s, help="seconds an idle session lives")
@@ -54,6 +55,7 @@ def config_from_args(a: argparse.Namespace) -> EngineConfig:
         seed=a.seed,
         session_ttl_s=a.session_ttl,
         session_kv_fraction=a.session_kv_fraction,
+        device=a.device,
     )
 
 

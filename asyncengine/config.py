@@ -1,6 +1,7 @@
 """One frozen engine configuration, validated on construction and passed down explicitly."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -50,7 +51,8 @@ class EngineConfig:
     # CPU attention op (kernels/attention_cpu.py) with torch for the rest, or plain torch
     # if that op cannot be built here.
     kernel_backend: KernelBackend = "auto"
-    # Device for weights and KV cache.
+    # Device for weights, KV cache and every hot op: "cpu", or "cuda" / "cuda:N" (the
+    # Triton kernels; with kernel_backend "auto" the backend follows the device).
     device: str = "cpu"
     # Intra-op threads for torch on CPU; None leaves torch's default.
     num_threads: int | None = None
@@ -89,6 +91,10 @@ class EngineConfig:
             raise ConfigError("max_waiting must be at least 1")
         if self.session_ttl_s <= 0 or not 0.0 <= self.session_kv_fraction <= 1.0:
             raise ConfigError("session_ttl_s must be positive and session_kv_fraction in [0, 1]")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f'device must be "cpu", "cuda" or "cuda:N", got {self.device!r}')
+        if self.kernel_backend == "cpu" and self.device != "cpu":
+            raise ConfigError('kernel_backend="cpu" runs on device="cpu" only')
 
     @property
     def head_dtype(self) -> str:

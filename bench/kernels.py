@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
 from asyncengine.models.llama import silu_mul  # noqa: E402
-from kernels import attention, attention_cpu, kv_store, rmsnorm, rope, sampling  # noqa: E402
+from kernels import activation, attention, attention_cpu, kv_store, matmul, rmsnorm, rope, sampling  # noqa: E402
 from kernels.attention import AttentionMetadata  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, BLOCK, VOCAB = 576, 9, 3, 64, 16, 49152
@@ -112,8 +112,22 @@ def _cases(device: torch.device, dtype: torch.dtype, triton_ok: bool, cpu_ok: bo
                           q, k, k, p, cos_sin, kc, vc, s))))
         gate_up = t(tokens, 2 * 1536)
         cases.append(("silu*up (exact)", label, lambda g=gate_up: silu_mul(g, exact=True),
-                      pick(None, lambda g=gate_up: attention_cpu.silu_mul_cpu(g))))
+                      pick(lambda g=gate_up: activation.silu_mul_triton(g), lambda g=gate_up: attention_cpu.silu_mul_cpu(g))))
+        cases += _linear_cases(tokens, label, t, pick)
     return cases + _attention_cases(device, dtype, pick) + _sampling_cases(device, pick)
+
+
+def _linear_cases(tokens: int, label: str, t: Callable[..., torch.Tensor], pick: Callable) -> list[Case]:
+    """torch's linear (cuBLAS on CUDA) vs the fixed-tile Triton matmul; the fp32 head too."""
+    cases: list[Case] = []
+    for name, n, k in (("linear qkv", (HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN), ("linear gate_up", 2 * 1536, HIDDEN),
+                       ("linear down", HIDDEN, 1536)):
+        x, w = t(tokens, k), t(n, k)
+        cases.append((name, label, lambda x=x, w=w: matmul.linear_torch(x, w),
+                      pick(lambda x=x, w=w: matmul.linear_triton(x, w), None)))
+    x, w = t(tokens, HIDDEN).float(), t(VOCAB, HIDDEN).float()
+    cases.append(("lm_head fp32", label, lambda: matmul.linear_torch(x, w), pick(lambda: matmul.linear_triton(x, w), None)))
+    return cases
 
 
 def _attention_cases(device: torch.device, dtype: torch.dtype, pick: Callable) -> list[Case]:

@@ -174,13 +174,17 @@ def _pad_columns(tables: torch.Tensor, width: int) -> torch.Tensor:
 
 
 # --- Triton -------------------------------------------------------------------------
-# One launch for the mixed batch. Program (b, kv_head) takes query block b -- BLOCK_Q
-# consecutive query tokens of one sequence -- and all G query heads sharing kv_head, as
-# ROWS = BLOCK_Q * G_PAD rows of one tile (GQA: each key tile is loaded once per group).
-# Keys are visited in tiles of KEY_TILE aligned to absolute position 0. Every tile
-# size is fixed by the model config alone, and a row's keys past its causal limit add
-# exact zeros (p = 0, alpha = 1), so a row's output is the same bits whichever rows
-# share its program or launch.
+# One launch for the mixed batch. Program (b, kv_head) takes query block b -- the query
+# tokens of one sequence at absolute positions j * BLOCK_Q .. (j + 1) * BLOCK_Q - 1 -- and
+# all G query heads sharing kv_head, as ROWS = BLOCK_Q * G_PAD rows of one tile (GQA: each
+# key tile is loaded once per group). Keys are visited in tiles of KEY_TILE aligned to
+# absolute position 0. Query blocks are aligned to absolute positions like the key tiles,
+# so a query row sits at row (pos % BLOCK_Q) * G_PAD + g of its tile however its prompt
+# is chunked: tl.dot (and numpy/BLAS under the interpreter, whose value for a row depends
+# on where it sits in the tile) always sees it in the same place. Every tile size is fixed
+# by the model config alone, and a row's keys past its causal limit add exact zeros
+# (p = 0, alpha = 1), so a row's output is the same bits whichever rows share its
+# program or launch.
 ATTN_ROWS = 32  # query rows per program (>= 16 for tl.dot); fixed, never batch-dependent
 
 try:  # the CPU engine runs without Triton; only the launcher below needs it
@@ -193,13 +197,14 @@ if triton is not None:
 
     @triton.jit
     def _find_seq(qsl_ptr, block_idx, num_seqs, BLOCK_Q: tl.constexpr):
-        # Sequence s owns program blocks qsl[s] // BLOCK_Q + s + (0..): the last s whose
-        # first block is <= block_idx (vLLM's layout: no host-side table per step).
+        # Sequence s owns program blocks qsl[s] // BLOCK_Q + 2 s + (0..): the last s whose
+        # first block is <= block_idx (no host-side table per step). q_len queries at any
+        # offset touch at most q_len // BLOCK_Q + 2 aligned blocks, hence the 2 s.
         lo = 0
         hi = num_seqs
         while lo < hi:
             mid = (lo + hi) // 2
-            first = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+            first = tl.load(qsl_ptr + mid) // BLOCK_Q + 2 * mid
             if first <= block_idx:
                 lo = mid + 1
             else:
@@ -235,7 +240,7 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, den, acc
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_seqs"])  # one compiled kernel for every batch
     def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
         q_stride_t, q_stride_h, bt_stride, num_seqs, scale,
@@ -248,26 +253,27 @@ if triton is not None:
         seq = _find_seq(qsl_ptr, block_idx, num_seqs, BLOCK_Q)
         q_start = tl.load(qsl_ptr + seq)
         q_len = tl.load(qsl_ptr + seq + 1) - q_start
-        local = block_idx - (q_start // BLOCK_Q + seq)
-        if local * BLOCK_Q >= q_len:  # the grid is an upper bound on the blocks
-            return
         seq_len = tl.load(seq_lens_ptr + seq)
+        ctx = seq_len - q_len  # absolute position of the sequence's first query
+        block_start = (ctx // BLOCK_Q + block_idx - (q_start // BLOCK_Q + 2 * seq)) * BLOCK_Q
+        if block_start >= seq_len:  # the grid is an upper bound on the blocks
+            return
 
         rows = tl.arange(0, BLOCK_Q * G_PAD)
-        tok = local * BLOCK_Q + rows // G_PAD  # [ROWS] query index within the sequence
+        q_pos = block_start + rows // G_PAD  # [ROWS] absolute positions, aligned blocks
+        tok = q_pos - ctx  # [ROWS] query index within this step's chunk
         head = kv_head * GROUP + rows % G_PAD
-        row_ok = (tok < q_len) & (rows % G_PAD < GROUP)
+        row_ok = (tok >= 0) & (tok < q_len) & (rows % G_PAD < GROUP)
         d = tl.arange(0, D_PAD)
         d_ok = d < head_dim
         q_off = (q_start + tok).to(tl.int64) * q_stride_t + head * q_stride_h
         q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
                     other=0.0)  # [ROWS, D_PAD]
-        q_pos = seq_len - q_len + tok  # [ROWS] absolute positions
 
         m = tl.full([BLOCK_Q * G_PAD], float("-inf"), tl.float32)
         den = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
         acc = tl.zeros([BLOCK_Q * G_PAD, D_PAD], tl.float32)
-        last_pos = seq_len - q_len + tl.minimum(local * BLOCK_Q + BLOCK_Q, q_len) - 1
+        last_pos = tl.minimum(block_start + BLOCK_Q, seq_len) - 1
         for tile in range(0, last_pos // BLOCK_N + 1):
             key_pos, key_ok, off = _key_tile_offsets(
                 bt_ptr, seq, bt_stride, tile, seq_len, kv_head,
@@ -313,7 +319,7 @@ def paged_attention_triton(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]
     if num_tokens == 0:
         return out
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads)  # >= the blocks actually used
+    grid = (num_tokens // block_q + 2 * num_seqs, num_kv_heads)  # >= the blocks actually used
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, qsl, seq_lens, tables,
         q.stride(0), q.stride(1), tables.stride(0), num_seqs, scale,

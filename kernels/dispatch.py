@@ -1,5 +1,6 @@
-"""Choose the implementation of the hot ops: Triton on CUDA; on CPU the torch ops with
-the compiled CPU attention op (kernels/attention_cpu.py), or plain torch.
+"""Choose the implementation of the hot ops: Triton on CUDA (every per-layer op, the
+linear layers through the fixed-tile kernels/matmul.py); on CPU the torch ops with the
+compiled CPU ops (kernels/attention_cpu.py), or plain torch.
 
 `get_ops(backend, device)` returns one KernelOps; the model holds it and calls through it,
 so the choice is made once, from the engine config, never from the environment.
@@ -11,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from kernels import attention, attention_cpu, kv_store, rmsnorm, rope, sampling
+from kernels import activation, attention, attention_cpu, kv_store, matmul, rmsnorm, rope, sampling
 from kernels.attention import head_major_cache, paged_attention_torch
 from kernels.kv_store import store_kv_torch
 from kernels.rmsnorm import rms_norm_torch
@@ -116,6 +117,9 @@ def _triton_ops(on_cuda: bool) -> KernelOps:
         paged_attention=attention.paged_attention_triton,
         log_softmax_topn=sampling.log_softmax_topn_triton,
         support_mask=sampling.support_mask_triton,
+        silu_mul=activation.silu_mul_triton,
+        pack_linear=matmul.pack_linear_triton,
+        packed_linear=matmul.packed_linear_triton,
     )
 
 

@@ -26,28 +26,32 @@ try:  # the CPU engine runs without Triton; only the launcher below needs it
 except ImportError:  # pragma: no cover - exercised only where Triton is absent
     triton = None
 
+STORE_TOKENS = 16  # new tokens per program (a plain copy: grouping changes no bit)
+
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens"])  # one compiled kernel for every batch
     def _store_kv_kernel(
-        key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+        key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_tokens,
         k_stride_t, k_stride_h, v_stride_t, v_stride_h,
         num_kv_heads, head_dim,
-        BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        # One program per new token copies all its heads; a cache slot is Hkv * D contiguous
+        # Rows (token, head) of BLOCK_T new tokens; a cache slot is Hkv * D contiguous
         # elements, so slot s starts at s * Hkv * D in the flat cache.
-        token = tl.program_id(0).to(tl.int64)
-        slot = tl.load(slot_ptr + token)
-        if slot >= 0:  # negative slots mark padding tokens: nothing to write
-            heads = tl.arange(0, BLOCK_HEADS)[:, None]
-            cols = tl.arange(0, BLOCK_D)[None, :]
-            mask = (heads < num_kv_heads) & (cols < head_dim)
-            dst = slot * num_kv_heads * head_dim + heads * head_dim + cols
-            k = tl.load(key_ptr + token * k_stride_t + heads * k_stride_h + cols, mask=mask)
-            v = tl.load(value_ptr + token * v_stride_t + heads * v_stride_h + cols, mask=mask)
-            tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-            tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        r = tl.arange(0, BLOCK_T * BLOCK_HEADS)[:, None]
+        token = tl.program_id(0).to(tl.int64) * BLOCK_T + r // BLOCK_HEADS  # [R, 1]
+        heads = r % BLOCK_HEADS
+        cols = tl.arange(0, BLOCK_D)[None, :]
+        tok_ok = token < num_tokens
+        slot = tl.load(slot_ptr + token, mask=tok_ok, other=-1)
+        # negative slots mark padding tokens: nothing to write
+        mask = tok_ok & (slot >= 0) & (heads < num_kv_heads) & (cols < head_dim)
+        dst = slot * num_kv_heads * head_dim + heads * head_dim + cols
+        k = tl.load(key_ptr + token * k_stride_t + heads * k_stride_h + cols, mask=mask)
+        v = tl.load(value_ptr + token * v_stride_t + heads * v_stride_h + cols, mask=mask)
+        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kv_triton(
@@ -71,9 +75,9 @@ def store_kv_triton(
     slot_mapping = slot_mapping.to(torch.int64).contiguous()
     if num_tokens == 0:
         return
-    _store_kv_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping,
+    _store_kv_kernel[(triton.cdiv(num_tokens, STORE_TOKENS),)](
+        key, value, k_cache, v_cache, slot_mapping, num_tokens,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         num_kv_heads, head_dim,
-        BLOCK_HEADS=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_T=STORE_TOKENS, BLOCK_HEADS=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
     )

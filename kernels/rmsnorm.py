@@ -30,36 +30,38 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens"])  # one compiled kernel for every batch
     def _rms_norm_kernel(
         x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr,
-        hidden, eps,
-        HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr,
+        num_tokens, hidden, eps,
+        HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
-        # One program per token; the whole row is one block, so the sum of squares is a
-        # single tl.sum over a fixed width: the same reduction whatever the batch size.
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_H)
-        mask = cols < hidden
-        x = tl.load(x_ptr + row * hidden + cols, mask=mask, other=0.0)
+        # BLOCK_R tokens per program (fixed, never from the batch), each a whole row of one
+        # block, so a row's sum of squares is one tl.sum over a fixed width along its own
+        # row: the same reduction whatever the batch size or the row's place in the block.
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # [BR, 1]
+        cols = tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
+        mask = (rows < num_tokens) & (cols < hidden)
+        offs = rows * hidden + cols
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)  # [BR, BH]
         if HAS_RESIDUAL:
-            r = tl.load(res_ptr + row * hidden + cols, mask=mask, other=0.0)
+            r = tl.load(res_ptr + offs, mask=mask, other=0.0)
             # fp32 add of two 16-bit values, rounded once to their dtype: the same bits
             # as torch's add in that dtype (fp32 has more than 2p + 2 bits).
             x = (r.to(tl.float32) + x.to(tl.float32)).to(x.dtype)
-            tl.store(new_res_ptr + row * hidden + cols, x, mask=mask)
+            tl.store(new_res_ptr + offs, x, mask=mask)
         xf = x.to(tl.float32)
-        variance = tl.sum(xf * xf, axis=0) / hidden
-        normed = (xf * tl.rsqrt(variance + eps)).to(x.dtype)  # cast back before the weight, as HF
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        variance = tl.sum(xf * xf, axis=1) / hidden  # [BR]
+        normed = (xf * tl.rsqrt(variance + eps)[:, None]).to(x.dtype)  # cast back before the weight, as HF
+        w = tl.load(w_ptr + cols, mask=cols < hidden, other=0.0)
         y = w.to(tl.float32) * normed.to(tl.float32)
-        tl.store(y_ptr + row * hidden + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm_triton(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same contract as rms_norm_torch; one program per token."""
+    """Same contract as rms_norm_torch; BLOCK_R tokens per program."""
     if triton is None:
         raise RuntimeError("rms_norm_triton needs the `triton` package")
     num_tokens, hidden = x.shape
@@ -76,11 +78,12 @@ def rms_norm_triton(
     if num_tokens == 0:
         return y, new_residual
     block_h = triton.next_power_of_2(hidden)  # the whole row in one block
-    _rms_norm_kernel[(num_tokens,)](
+    block_r = max(1, min(16, 4096 // block_h))  # rows per program: fixed by the hidden size alone
+    _rms_norm_kernel[(triton.cdiv(num_tokens, block_r),)](
         x, residual if residual is not None else x, weight, y,
         new_residual if new_residual is not None else y,
-        hidden, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_H=block_h,
+        num_tokens, hidden, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_H=block_h,
         num_warps=8 if block_h >= 4096 else 4,  # fixed per hidden size: batch-invariant
     )
     return y, new_residual

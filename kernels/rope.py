@@ -41,17 +41,28 @@ try:  # the CPU engine runs without Triton; only the launchers below need it
 except ImportError:  # pragma: no cover - exercised only where Triton is absent
     triton = None
 
+# Programs take BLOCK_T tokens each (fixed), all their heads as rows (token, head) of one
+# [BLOCK_T * BLOCK_HEADS, BLOCK_HALF] tile; every element is rotated on its own, so the
+# grouping cannot change a bit (it only saves programs, which the interpreter pays for).
+ROPE_TOKENS = 16
+
 if triton is not None:
 
     @triton.jit
-    def _rotate_heads(
-        x_ptr, out_ptr, token, stride_t, stride_h, num_heads, half, cos, sin,
-        BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    def _rotate_rows(
+        x_ptr, out_ptr, pos_ptr, cs_ptr, t0, num_tokens, stride_t, stride_h, num_heads, half,
+        BLOCK_T: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):
-        heads = tl.arange(0, BLOCK_HEADS)[:, None]
+        r = tl.arange(0, BLOCK_T * BLOCK_HEADS)[:, None]
+        token = t0 + r // BLOCK_HEADS  # [R, 1]
+        head = r % BLOCK_HEADS
         cols = tl.arange(0, BLOCK_HALF)[None, :]
-        mask = (heads < num_heads) & (cols < half)
-        src = x_ptr + token * stride_t + heads * stride_h + cols
+        tok_ok = token < num_tokens
+        mask = tok_ok & (head < num_heads) & (cols < half)
+        pos = tl.load(pos_ptr + token, mask=tok_ok, other=0)  # [R, 1] each row's position
+        cos = tl.load(cs_ptr + pos * 2 * half + cols, mask=mask, other=0.0)  # [R, BLOCK_HALF]
+        sin = tl.load(cs_ptr + pos * 2 * half + half + cols, mask=mask, other=0.0)
+        src = x_ptr + token * stride_t + head * stride_h + cols
         x1 = tl.load(src, mask=mask, other=0.0)
         x2 = tl.load(src + half, mask=mask, other=0.0)
         dt = x1.dtype
@@ -61,27 +72,22 @@ if triton is not None:
         # Each product is rounded to the model dtype before the add, as torch does.
         y1 = ((x1f * c).to(dt).to(tl.float32) + (-x2f * s).to(dt).to(tl.float32)).to(dt)
         y2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
-        dst = out_ptr + token * num_heads * 2 * half + heads * 2 * half + cols
+        dst = out_ptr + token * num_heads * 2 * half + head * 2 * half + cols
         tl.store(dst, y1, mask=mask)
         tl.store(dst + half, y2, mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens"])  # one compiled kernel for every batch
     def _rope_kernel(
-        q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cs_ptr,
+        q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cs_ptr, num_tokens,
         q_stride_t, q_stride_h, k_stride_t, k_stride_h,
         num_q_heads, num_kv_heads, half,
-        BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):
-        # One program per token rotates all its query and key heads with one table row.
-        token = tl.program_id(0).to(tl.int64)
-        pos = tl.load(pos_ptr + token)
-        cols = tl.arange(0, BLOCK_HALF)
-        cos = tl.load(cs_ptr + pos * 2 * half + cols, mask=cols < half, other=0.0)
-        sin = tl.load(cs_ptr + pos * 2 * half + half + cols, mask=cols < half, other=0.0)
-        _rotate_heads(q_ptr, q_out_ptr, token, q_stride_t, q_stride_h, num_q_heads, half,
-                      cos[None, :], sin[None, :], BLOCK_QH, BLOCK_HALF)
-        _rotate_heads(k_ptr, k_out_ptr, token, k_stride_t, k_stride_h, num_kv_heads, half,
-                      cos[None, :], sin[None, :], BLOCK_KH, BLOCK_HALF)
+        t0 = tl.program_id(0).to(tl.int64) * BLOCK_T
+        _rotate_rows(q_ptr, q_out_ptr, pos_ptr, cs_ptr, t0, num_tokens, q_stride_t, q_stride_h,
+                     num_q_heads, half, BLOCK_T, BLOCK_QH, BLOCK_HALF)
+        _rotate_rows(k_ptr, k_out_ptr, pos_ptr, cs_ptr, t0, num_tokens, k_stride_t, k_stride_h,
+                     num_kv_heads, half, BLOCK_T, BLOCK_KH, BLOCK_HALF)
 
 
 def apply_rope_triton(
@@ -104,11 +110,11 @@ def apply_rope_triton(
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)  # [T, Hkv, D]
     if num_tokens == 0:
         return q_out, k_out
-    _rope_kernel[(num_tokens,)](
-        q, k, q_out, k_out, positions, cos_sin,
+    _rope_kernel[(triton.cdiv(num_tokens, ROPE_TOKENS),)](
+        q, k, q_out, k_out, positions, cos_sin, num_tokens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         num_q_heads, num_kv_heads, head_dim // 2,
-        BLOCK_QH=triton.next_power_of_2(num_q_heads), BLOCK_KH=triton.next_power_of_2(num_kv_heads),
+        BLOCK_T=ROPE_TOKENS, BLOCK_QH=triton.next_power_of_2(num_q_heads), BLOCK_KH=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
     )
     return q_out, k_out

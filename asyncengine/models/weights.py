@@ -122,7 +122,7 @@ def weight_checksums(model: LlamaModel) -> dict[str, str]:
     out = {}
     for name, targets in weight_map(model).items():
         t = targets[0]
-        view = (t.tensor if t.rows is None else t.tensor[t.rows]).contiguous()
+        view = (t.tensor if t.rows is None else t.tensor[t.rows]).contiguous().cpu()  # host bytes
         out[name] = hashlib.sha256(view.view(torch.uint8).numpy().tobytes()).hexdigest()
     return out
 

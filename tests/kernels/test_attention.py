@@ -9,7 +9,9 @@
   cache layouts (its own d-major keys and the plain one) with the same bits, fp32 and
   bf16 caches, block sizes 8/16/32;
 - invariance, bitwise: a sequence alone vs in a batch, and a query's output whatever
-  chunk of chunked prefill it is computed in.
+  chunk of chunked prefill it is computed in (the Triton kernel's query blocks are
+  aligned to absolute positions, so this holds for any BLAS under the interpreter, e.g.
+  OPENBLAS_CORETYPE=Haswell, and on a GPU).
 """
 from __future__ import annotations
 
@@ -128,6 +130,24 @@ def test_output_independent_of_prefill_chunking(
             got = attend(q_c, case.k_cache, case.v_cache, meta_c, 0.2)
             assert torch.equal(got, whole[done : done + size]), f"chunks {chunks}: rows {done}..{done + size}"
             done += size
+
+
+@pytest.mark.usefixtures("need_triton")
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (4, 1)])
+def test_triton_chunking_invariance_at_every_tile_offset(
+    paged_case: Callable, num_heads: int, num_kv_heads: int
+) -> None:
+    """Query blocks are aligned to absolute positions, so a row meets the same tile
+    geometry whether its chunk starts at 0 or at any offset inside a query block
+    (BLOCK_Q is 8 to 32 here): checked bitwise for chunks starting at 1..9, inside a
+    batch with a decode that shifts every flattened row index."""
+    case = paged_case([41, 12], num_heads, num_kv_heads, 32, 16, seed=num_heads)
+    q, meta = case.batch([(0, 41, 41)])
+    whole = paged_attention_triton(q, case.k_cache, case.v_cache, meta, 0.2)  # [41, Hq, D]
+    for start in range(1, 10):
+        q_c, meta_c = case.batch([(1, 12, 1), (0, 41, 41 - start)])
+        got = paged_attention_triton(q_c, case.k_cache, case.v_cache, meta_c, 0.2)
+        assert torch.equal(got[1:], whole[start:]), f"chunk starting at {start}"
 
 
 @pytest.mark.parametrize("impl", ["torch", "cpu", "triton"])

@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from kernels import attention_cpu
+from kernels import activation, attention_cpu, matmul
 from kernels.dispatch import CPU_OPS, OPTIONAL_FUSED, TORCH_OPS, KernelOps, get_ops
 
 
@@ -51,5 +51,8 @@ def test_forced_triton_on_cpu_uses_the_interpreted_kernels() -> None:
     for field in dataclasses.fields(KernelOps):
         if field.name not in ("name", "new_kv_cache", *OPTIONAL_FUSED):  # the cache allocator is no kernel
             assert getattr(ops, field.name).__name__.endswith("_triton"), field.name
+    # The Triton backend fills the fused ops too: its linear layers and SiLU * up are kernels.
+    assert ops.packed_linear is matmul.packed_linear_triton and ops.pack_linear is matmul.pack_linear_triton
+    assert ops.silu_mul is activation.silu_mul_triton and ops.rope_store_kv is None
     x, w = torch.randn(3, 64), torch.randn(64)
     torch.testing.assert_close(ops.rms_norm(x, w, 1e-6)[0], TORCH_OPS.rms_norm(x, w, 1e-6)[0])
