@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from asyncengine.structured.spec import StructuredSpec
+
 LogprobsMode = Literal["processed", "raw"]
 MAX_TOP_LOGPROBS = 20
 # Temperatures below this are greedy: dividing logits by a tinier T overflows to inf/NaN.
@@ -56,6 +58,8 @@ class SamplingParams:
     return_raw_logprob: bool = False
     return_log_kept_mass: bool = False
     skip_special_tokens: bool = True
+    # Structured output: the grammar the output must match (None = free text).
+    structured: StructuredSpec | None = None
 
     def __post_init__(self) -> None:
         # Accept lists from callers, store tuples (hashable, immutable).
@@ -101,6 +105,8 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"logprobs_mode must be 'processed' or 'raw', got {self.logprobs_mode!r}", "logprobs_mode"
             )
+        if self.structured is not None and not isinstance(self.structured, StructuredSpec):
+            raise InvalidRequestError("structured must be a StructuredSpec", "structured")
         for t in self.stop_token_ids:
             _check_int(t, "stop_token_ids", lo=0, hi=None if vocab_size is None else vocab_size - 1)
 

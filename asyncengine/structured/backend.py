@@ -1,0 +1,80 @@
+"""xgrammar behind one small interface: compile a spec (cached), start a request's matcher.
+
+xgrammar over llguidance: at batch 64 on the default model's 49,152-token vocabulary its
+serial per-step mask fill measured 0.16 ms (valid JSON walk) / 1.5 ms (random walk over
+allowed tokens) against llguidance's 0.77 / 4.8 ms (bench/structured.py --masks).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from asyncengine.sampling_params import InvalidRequestError
+from asyncengine.structured.spec import StructuredSpec
+from asyncengine.structured.state import GrammarState
+
+# xgrammar's errors start with "[time] /path/file.cc:line: "; the rest is the message.
+_LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
+
+
+class GrammarBackend:
+    """Compiles specs against one tokenizer and vocabulary; compiled grammars are cached
+    per spec (least recently used dropped past `cache_size`)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int], cache_size: int = 256) -> None:
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(eos_token_ids))
+        # One compile thread: compiles run on the engine's step thread, which shares the cores
+        # with the model; our own cache below is keyed by the whole spec.
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self._cache: OrderedDict[StructuredSpec, Any] = OrderedDict()
+        self._cache_size = cache_size
+        self.num_compiles = 0
+
+    def compile(self, spec: StructuredSpec) -> Any:
+        """The compiled grammar of spec; InvalidRequestError (param = spec.param) if invalid."""
+        hit = self._cache.get(spec)
+        if hit is not None:
+            self._cache.move_to_end(spec)
+            return hit
+        try:
+            compiled = self._compile(spec)
+        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse / conversion errors
+            message = _LOCATION.sub("", str(e).strip()).splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InvalidRequestError(f"invalid {spec.param}: {message}", spec.param) from None
+        self.num_compiles += 1
+        self._cache[spec] = compiled
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return compiled
+
+    def start(self, spec: StructuredSpec) -> GrammarState:
+        """A fresh matcher for one request (at its first output token)."""
+        return GrammarState(self._xgr.GrammarMatcher(self.compile(spec)), self.eos_token_ids)
+
+    def _compile(self, spec: StructuredSpec) -> Any:
+        c = self._compiler
+        if spec.kind == "json_schema":
+            return c.compile_json_schema(spec.value, any_whitespace=spec.any_whitespace)
+        if spec.kind == "json_object":
+            # Any object: strict mode would forbid the properties the schema does not list.
+            return c.compile_json_schema('{"type":"object"}', any_whitespace=spec.any_whitespace, strict_mode=False)
+        if spec.kind == "regex":
+            return c.compile_regex(spec.value)
+        if spec.kind == "choice":
+            return c.compile_grammar(choice_ebnf(spec.choices()))
+        if spec.kind == "grammar":
+            return c.compile_grammar(spec.value)
+        return c.compile_structural_tag(spec.value)
+
+
+def choice_ebnf(options: Sequence[str]) -> str:
+    """root ::= "a" | "b" ...: JSON string escapes are also EBNF string-literal escapes."""
+    return "root ::= " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options)
