@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from asyncengine.sampling_params import SamplingParams
+from api.structured import STRUCTURED_FIELDS, parse_structured
+from asyncengine.sampling_params import InvalidRequestError, SamplingParams
 
 MAX_N = 128
 INT64 = (-(2**63), 2**64 - 1)
@@ -45,6 +46,7 @@ _EXTENSIONS = {
     "skip_special_tokens": "bool", "spaces_between_special_tokens": "bool", "logprobs_mode": "str",
     "return_raw_logprobs": "bool", "return_log_kept_mass": "bool", "return_token_ids": "bool",
     "return_weight_versions": "bool", "add_special_tokens": "bool", "request_id": "str",
+    **STRUCTURED_FIELDS,
 }
 _COMMON = {
     "model": "str", "max_tokens": "int", "temperature": "number", "top_p": "number", "n": "int",
@@ -98,9 +100,6 @@ def check_unsupported(body: dict[str, Any]) -> None:
         raise bad("tool calling is not supported", "tools", "unsupported_parameter")
     if body.get("tool_choice", "none") != "none" or body.get("function_call", "none") != "none":
         raise bad("tool calling is not supported", "tool_choice", "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise bad("only response_format {'type': 'text'} is supported", "response_format", "unsupported_parameter")
     if body.get("modalities", ["text"]) != ["text"]:
         raise bad("only the text modality is supported", "modalities", "unsupported_parameter")
 
@@ -167,6 +166,10 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
         out["stop_token_ids"] = tuple(body["stop_token_ids"])
     out["return_raw_logprob"] = bool(body.get("return_raw_logprobs", False))
     out["return_log_kept_mass"] = bool(body.get("return_log_kept_mass", False))
+    try:  # response_format / structured_outputs / guided_* (api/structured.py)
+        out["structured"] = parse_structured(body)
+    except InvalidRequestError as exc:
+        raise bad(str(exc), exc.param) from None
     return out
 
 

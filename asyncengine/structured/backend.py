@@ -62,7 +62,8 @@ class GrammarBackend:
     def _compile(self, spec: StructuredSpec) -> Any:
         c = self._compiler
         if spec.kind == "json_schema":
-            return c.compile_json_schema(spec.value, any_whitespace=spec.any_whitespace)
+            schema = json_safe_strings(json.loads(spec.value))
+            return c.compile_json_schema(json.dumps(schema), any_whitespace=spec.any_whitespace)
         if spec.kind == "json_object":
             # Any object: strict mode would forbid the properties the schema does not list.
             return c.compile_json_schema('{"type":"object"}', any_whitespace=spec.any_whitespace, strict_mode=False)
@@ -73,6 +74,30 @@ class GrammarBackend:
         if spec.kind == "grammar":
             return c.compile_grammar(spec.value)
         return c.compile_structural_tag(spec.value)
+
+
+# xgrammar (0.2.9) spells a length-bounded string with any character but quote, backslash,
+# CR and LF: control characters that JSON forbids get through (seen: "\x04"). The same
+# bounds as a pattern of JSON-safe characters keep every output parseable.
+_SAFE_CHARS = '[^"\\\\\\x00-\\x1f]'
+_FREE_STRING_KEYS = ("pattern", "format", "enum", "const")
+
+
+def json_safe_strings(node: Any) -> Any:
+    """The schema with each length-bounded free string also given a JSON-safe pattern."""
+    if isinstance(node, list):
+        return [json_safe_strings(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: json_safe_strings(v) for k, v in node.items()}
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and not any(k in out for k in _FREE_STRING_KEYS):
+        lo, hi = out.get("minLength", 0), out.get("maxLength", "")
+        if isinstance(lo, int) and isinstance(hi, (int, str)):
+            # The pattern carries the bounds (xgrammar ignores lengths next to a pattern).
+            out = {k: v for k, v in out.items() if k not in ("minLength", "maxLength")}
+            out["pattern"] = f"^{_SAFE_CHARS}{{{lo},{hi}}}$"
+    return out
 
 
 def choice_ebnf(options: Sequence[str]) -> str:
