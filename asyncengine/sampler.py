@@ -17,7 +17,8 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
     )
     scaled = L.apply_temperature(penalized, params)  # [R, V]
     # The grammar's allowed set G comes after top-k/top-p/min-p: S ∩ G (logprobs.grammar_support).
-    allowed = allowed_tokens([r.grammar for r in requests], [r.output_token_ids for r in requests], logits.shape[1])
+    outputs = [r.output_token_ids if r.grammar is not None else () for r in requests]
+    allowed = allowed_tokens([r.grammar for r in requests], outputs, logits.shape[1], logits.device)
     mask = L.grammar_support(scaled, params, L.support_mask(scaled, params), allowed)  # [R, V]
     # z' on the support; when no row filters, z' itself (masked_fill of nothing is a copy).
     filters = allowed is not None or any(p.top_k_active or p.top_p < 1.0 or p.min_p > 0.0 for p in params)

@@ -4,34 +4,19 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from api.server import create_app
 from asyncengine.async_engine import AsyncEngine
-from tests.test_server import MODEL, make_engine, post, stream_events, wait_idle
+from tests.test_server import client, engine, post, stream_events, wait_idle  # noqa: F401 (fixtures)
 from tests.test_structured import CHOICES, EMAIL, SCHEMA
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "Give me JSON"}]
 FORMAT = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA, "strict": True}}
-
-
-@pytest.fixture(scope="module")
-def engine(llama_dir: Path):
-    eng = make_engine(llama_dir)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture
-async def client(engine: AsyncEngine):
-    async with TestClient(TestServer(create_app(engine, [MODEL]))) as c:
-        yield c
 
 
 def _content(body: dict[str, Any], chat: bool) -> list[tuple[str, str]]:
@@ -94,6 +79,13 @@ async def test_choice_grammar_and_json_object(client: TestClient) -> None:
     assert status == 200
     for text, reason in _content(resp, True):
         assert text.lstrip().startswith("{") and (reason == "length" or isinstance(json.loads(text), dict))
+
+
+async def test_n_choices_compile_their_spec_once(client: TestClient, engine: AsyncEngine) -> None:
+    before = engine.core.structured.backend.num_compiles
+    status, resp = await post(client, C, {"prompt": "id", "guided_regex": "id-[0-9]{4}", "n": 6, "max_tokens": 12})
+    assert status == 200 and all(re.fullmatch("id-[0-9]{4}", t) for t, _ in _content(resp, False)), resp
+    assert engine.core.structured.backend.num_compiles == before + 1
 
 
 async def test_max_tokens_too_short_is_length(client: TestClient) -> None:

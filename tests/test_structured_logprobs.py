@@ -4,8 +4,6 @@ a separate xgrammar matcher), and asyncengine.logprobs reproduces them bitwise."
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,8 +17,8 @@ from asyncengine.engine_core import EngineCore
 from asyncengine.sampling_params import SamplingParams
 from asyncengine.structured import StructuredSpec
 from asyncengine.structured.bitmask import replay_masks
-from tests.invariance_harness import Req, make_engine, run
-from tests.test_structured import SCHEMA
+from tests.invariance_harness import Req, run
+from tests.test_structured import SCHEMA, engine  # noqa: F401 (fixture)
 
 # fp32 logits, fp32 arithmetic in the engine vs float64 here: a few ulps of values ~10.
 TOL = 1e-5
@@ -31,13 +29,6 @@ PARAMS = [
     dict(temperature=1.0, top_k=1),  # S ∩ G is mostly empty: the truncation over G decides
     dict(temperature=0.0),
 ]
-
-
-@pytest.fixture(scope="module")
-def engine(llama_dir: Path) -> Iterator[EngineCore]:
-    old = torch.get_num_threads()
-    yield make_engine(llama_dir, num_threads=1, num_kv_blocks=512)
-    torch.set_num_threads(old)
 
 
 @pytest.fixture

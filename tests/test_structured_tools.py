@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -17,7 +15,8 @@ from asyncengine.sampling_params import InvalidRequestError, SamplingParams
 from asyncengine.structured import StructuredSpec, tool_call_spec
 from asyncengine.structured.backend import json_safe_strings
 from asyncengine.structured.bitmask import unpack
-from tests.invariance_harness import Req, make_engine, run
+from tests.invariance_harness import Req, run
+from tests.test_structured import engine  # noqa: F401 (fixture)
 
 WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer",
            "minimum": 1, "maximum": 7}}, "required": ["city", "days"]}
@@ -26,13 +25,6 @@ TOOLS = [
     {"type": "function", "function": {"name": "ping"}},
 ]
 CALL = re.compile(r'<tool_call>\n\{"name": "(get_weather|ping)", "arguments": (.*?)\}\n</tool_call>', re.S)
-
-
-@pytest.fixture(scope="module")
-def engine(llama_dir: Path) -> Iterator[EngineCore]:
-    old = torch.get_num_threads()
-    yield make_engine(llama_dir, num_threads=1, num_kv_blocks=512)
-    torch.set_num_threads(old)
 
 
 def _outputs(engine: EngineCore, spec: StructuredSpec, n: int) -> list[tuple[str, str | None]]:

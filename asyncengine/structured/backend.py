@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,8 @@ _LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 
 class GrammarBackend:
     """Compiles specs against one tokenizer and vocabulary; compiled grammars are cached
-    per spec (least recently used dropped past `cache_size`)."""
+    per spec (least recently used dropped past `cache_size`). Thread-safe: the async edge
+    compiles ahead in a worker thread (xgrammar releases the GIL), the step thread reads."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int], cache_size: int = 256) -> None:
         import xgrammar as xgr
@@ -36,24 +38,39 @@ class GrammarBackend:
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self._cache: OrderedDict[StructuredSpec, Any] = OrderedDict()
         self._cache_size = cache_size
+        self._lock = threading.Lock()  # the cache
+        self._compile_lock = threading.Lock()
         self.num_compiles = 0
 
     def compile(self, spec: StructuredSpec) -> Any:
-        """The compiled grammar of spec; InvalidRequestError (param = spec.param) if invalid."""
-        hit = self._cache.get(spec)
+        """The compiled grammar of spec; InvalidRequestError (param = spec.param) if invalid.
+        Compiles run one at a time, so n choices of one request compile their spec once."""
+        hit = self._cached(spec)
         if hit is not None:
-            self._cache.move_to_end(spec)
             return hit
-        try:
-            compiled = self._compile(spec)
-        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse / conversion errors
-            message = _LOCATION.sub("", str(e).strip()).splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InvalidRequestError(f"invalid {spec.param}: {message}", spec.param) from None
-        self.num_compiles += 1
-        self._cache[spec] = compiled
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return compiled
+        with self._compile_lock:
+            hit = self._cached(spec)
+            if hit is not None:
+                return hit
+            try:
+                compiled = self._compile(spec)
+            except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse / conversion errors
+                text = str(e).strip()
+                message = _LOCATION.sub("", text).splitlines()[0] if text else type(e).__name__
+                raise InvalidRequestError(f"invalid {spec.param}: {message}", spec.param) from None
+            with self._lock:
+                self.num_compiles += 1
+                self._cache[spec] = compiled
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+            return compiled
+
+    def _cached(self, spec: StructuredSpec) -> Any | None:
+        with self._lock:
+            hit = self._cache.get(spec)
+            if hit is not None:
+                self._cache.move_to_end(spec)
+            return hit
 
     def start(self, spec: StructuredSpec) -> GrammarState:
         """A fresh matcher for one request (at its first output token)."""

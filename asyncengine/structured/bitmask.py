@@ -22,7 +22,8 @@ def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def allowed_tokens(
-    states: Sequence[GrammarState | None], output_ids: Sequence[Sequence[int]], vocab_size: int
+    states: Sequence[GrammarState | None], output_ids: Sequence[Sequence[int]], vocab_size: int,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor | None:
     """[R, V] bool: the tokens each row's grammar allows next (rows without one: all True).
     None when no row has a grammar. Each state is synced to its row's output ids first.
@@ -45,7 +46,7 @@ def allowed_tokens(
         grammar_rows[j, list(states[rows[j]].eos_token_ids)] = True  # type: ignore[union-attr]
     allowed = torch.ones(len(states), vocab_size, dtype=torch.bool)
     allowed[rows] = grammar_rows
-    return allowed
+    return allowed.to(device)  # the matchers write host memory; the logits may live on the GPU
 
 
 def replay_masks(state: GrammarState, output_ids: Sequence[int], vocab_size: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The engine's entry point to structured outputs: one per engine, backend built lazily."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,23 +19,36 @@ class StructuredOutputs:
         self._vocab_size = vocab_size
         self._eos_token_ids = tuple(eos_token_ids)
         self._backend: Any | None = None
+        self._lock = threading.Lock()
 
     @property
     def backend(self) -> Any:
-        if self._backend is None:
-            from asyncengine.structured.backend import GrammarBackend
+        with self._lock:
+            if self._backend is None:
+                from asyncengine.structured.backend import GrammarBackend
 
-            self._backend = GrammarBackend(self._tokenizer, self._vocab_size, self._eos_token_ids)
-        return self._backend
+                self._backend = GrammarBackend(self._tokenizer, self._vocab_size, self._eos_token_ids)
+            return self._backend
+
+    def precompile(self, spec: StructuredSpec | None) -> None:
+        """Compile (into the cache) ahead of admission, off the step thread: a grammar that
+        takes seconds to compile then never stalls the other requests' steps. Raises
+        InvalidRequestError like `start`."""
+        if spec is not None:
+            self._check(spec)
+            self.backend.compile(spec)
 
     def start(self, spec: StructuredSpec | None) -> GrammarState | None:
         """A fresh grammar state for a request (None for free text); compiles the spec (cached)
         and raises InvalidRequestError naming spec.param when it is invalid."""
         if spec is None:
             return None
+        self._check(spec)
+        return self.backend.start(spec)
+
+    def _check(self, spec: StructuredSpec) -> None:
         if self._tokenizer is None:
             raise InvalidRequestError("structured outputs need the model's tokenizer; this model has none", spec.param)
         if not self._eos_token_ids:
             raise InvalidRequestError("structured outputs need an end-of-sequence token; this model has none",
                                       spec.param)
-        return self.backend.start(spec)
