@@ -1,8 +1,10 @@
 """xgrammar behind one small interface: compile a spec (cached), start a request's matcher.
 
 xgrammar over llguidance: at batch 64 on the default model's 49,152-token vocabulary its
-serial per-step mask fill measured 0.16 ms (valid JSON walk) / 1.5 ms (random walk over
-allowed tokens) against llguidance's 0.77 / 4.8 ms (bench/structured.py --masks).
+serial per-step mask fill measured 0.85-1.05 ms (64 valid JSON documents) / 0.7-1.3 ms
+(random JSON walks) / 47-49 ms (random regex walks) against llguidance's 4.1-5.0 / 2.6-3.0
+/ 54-63 ms (`bench/structured.py --masks`, 3 alternating rounds, shared 2-core Xeon).
+xgrammar's own 2-thread batch fill measured slower than its serial loop on these cores.
 """
 from __future__ import annotations
 
