@@ -263,7 +263,7 @@ def sequence_logprobs(
     positions (row i predicts output_ids[i]). Returns per-token "processed", "raw" and
     "log_kept_mass" tensors [N], using the penalty state each step had when sampled.
     With structured output, `allowed` [N, V] bool is the grammar's allowed set at each
-    step (`asyncengine.structured.replay.allowed_masks` rebuilds it from the output ids)."""
+    step (`asyncengine.structured.bitmask.replay_masks` rebuilds it from the output ids)."""
     n = len(output_ids)
     rows = [params] * n
     outs = [list(output_ids[:i]) for i in range(n)]
