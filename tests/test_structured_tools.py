@@ -123,3 +123,28 @@ def test_spec_validation() -> None:
         SamplingParams(structured="json")  # type: ignore[arg-type]
     a = StructuredSpec.json_schema({"type": "object"}, param="guided_json")
     assert a == StructuredSpec.json_schema('{"type": "object"}') and hash(a) == hash(StructuredSpec.json_schema({"type": "object"}))
+
+
+class _NothingAllowed:
+    """A matcher whose grammar allows no token (a tokenizer that cannot spell it)."""
+
+    def is_terminated(self) -> bool:
+        return False
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        bitmask[row].zero_()
+
+    def accept_token(self, token_id: int) -> bool:
+        return False
+
+
+def test_empty_mask_falls_back_to_eos_then_ends() -> None:
+    from asyncengine.structured.bitmask import allowed_tokens
+    from asyncengine.structured.state import GrammarState
+
+    state = GrammarState(_NothingAllowed(), [2, 7])
+    got = allowed_tokens([None, state], [(), ()], 40)
+    assert got is not None and got[0].all() and torch.nonzero(got[1]).flatten().tolist() == [2, 7]
+    assert not state.accept(2) and state.is_done  # the grammar rejects it: a dead end, nothing follows
+    after = allowed_tokens([state], [[2]], 40)
+    assert after is not None and torch.nonzero(after[0]).flatten().tolist() == [2, 7]

@@ -15,6 +15,12 @@ def words_for(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+def _last_word_bits(vocab_size: int) -> int:
+    """The bits of the last bitmask word that stand for tokens (< vocab_size), as an int32."""
+    n = vocab_size - (words_for(vocab_size) - 1) * 32  # 1..32
+    return -1 if n == 32 else (1 << n) - 1
+
+
 def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, W] int32 bitmask (bit t % 32 of word t // 32 = token t) -> [B, V] bool."""
     as_bytes = bitmask.contiguous().view(torch.uint8)  # [B, 4W]; little-endian: byte k of word w = bits 8k..8k+7
@@ -40,8 +46,8 @@ def allowed_tokens(
         assert state is not None
         state.sync(output_ids[i])
         state.fill(bitmask, j)
+    empty = (bitmask[:, :-1] == 0).all(dim=-1) & (bitmask[:, -1] & _last_word_bits(vocab_size) == 0)  # [G]
     grammar_rows = unpack(bitmask, vocab_size)  # [G, V]
-    empty = ~grammar_rows.any(dim=-1)
     for j in torch.nonzero(empty).flatten().tolist():
         grammar_rows[j, list(states[rows[j]].eos_token_ids)] = True  # type: ignore[union-attr]
     allowed = torch.ones(len(states), vocab_size, dtype=torch.bool)
