@@ -65,6 +65,11 @@ def parse_chat(
     req = common_request("chat", body, [ids])
     req.ignored_fields = ignored
     req.tools = tools
+    if tools.forced is not None:  # tool_choice required / named: the grammar forces the call
+        if req.sampling.get("structured") is not None:
+            raise bad("tool_choice that forces a call cannot be combined with response_format or "
+                      "structured_outputs", "tool_choice", "invalid_value")
+        req.sampling["structured"] = tools.forced
     if tools.parse_calls:
         req.tool_parser = get_parser(tool_parser)
     top = body.get("top_logprobs")

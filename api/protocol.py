@@ -10,7 +10,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from asyncengine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from api.structured import STRUCTURED_FIELDS, parse_structured
+from asyncengine.sampling_params import MAX_TOP_LOGPROBS, InvalidRequestError, SamplingParams
 
 if TYPE_CHECKING:
     from api.tools import ToolParser, ToolRequest
@@ -53,6 +54,7 @@ _EXTENSIONS = {
     "return_weight_versions": "bool", "add_special_tokens": "bool", "request_id": "str",
     "return_tokens_as_token_ids": "bool", "prompt_logprobs": "int", "cache_salt": "str",
     "max_completion_tokens": "int", "priority": "int",
+    **STRUCTURED_FIELDS,
 }
 # cache_salt longer than this is refused (it only needs to name a tenant or an experiment).
 MAX_CACHE_SALT = 128
@@ -122,9 +124,6 @@ def check_unsupported(body: dict[str, Any]) -> None:
         raise bad("logit_bias is not supported", "logit_bias", "unsupported_parameter")
     if body.get("suffix"):
         raise bad("suffix is not supported", "suffix", "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise bad("only response_format {'type': 'text'} is supported", "response_format", "unsupported_parameter")
     if body.get("chat_template") is not None:  # as vLLM without --trust-request-chat-template
         raise bad("a chat template sent with the request is refused: it would run client Jinja on the server "
                   "(a nested loop can stall it); the model's own template renders every chat", "chat_template",
@@ -213,6 +212,10 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
         if not 0 < len(salt) <= MAX_CACHE_SALT:
             raise bad(f"'cache_salt' must be 1 to {MAX_CACHE_SALT} characters", "cache_salt", "invalid_value")
         out["cache_salt"] = salt
+    try:  # response_format / structured_outputs / guided_* (api/structured.py)
+        out["structured"] = parse_structured(body)
+    except InvalidRequestError as exc:
+        raise bad(str(exc), exc.param) from None
     return out
 
 

@@ -43,6 +43,7 @@ _SAMPLING_FIELDS = {
     "ignore_eos": "bool", "include_stop_str_in_output": "bool", "skip_special_tokens": "bool",
     "spaces_between_special_tokens": "bool", "logprobs": "int", "prompt_logprobs": "int",
     "logprobs_mode": "str", "return_raw_logprobs": "bool", "return_log_kept_mass": "bool", "logit_bias": "object",
+    "structured_outputs": "object",  # json / regex / choice / grammar (api/structured.py)
 }
 
 

@@ -95,6 +95,8 @@ class AsyncEngine:
         Raises InvalidRequestError / EngineOverloadedError / EngineDeadError before any output.
         """
         ids = self.encode(prompt)
+        if params.structured is not None:  # compile in a worker thread, not on the step thread
+            await asyncio.to_thread(self.core.structured.precompile, params.structured)
         stream = RequestStream(self, request_id or uuid.uuid4().hex, asyncio.get_running_loop())
         with self._cond:
             self._check_alive()

@@ -16,6 +16,7 @@ from asyncengine.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutpu
 from asyncengine.request import Request, RequestStatus
 from asyncengine.sampling_params import InvalidRequestError, SamplingParams
 from asyncengine.scheduler import Scheduler
+from asyncengine.structured.manager import StructuredOutputs
 
 
 UpdateMode = Literal["keep", "recompute", "abort"]
@@ -56,6 +57,7 @@ class EngineCore:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.weight_version = 0
         self._seeds = random.Random(config.seed)
+        self.structured = StructuredOutputs(self.tokenizer, args.vocab_size, self.model_info.eos_token_ids)
 
     # -- requests ---------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -65,6 +67,7 @@ class EngineCore:
             raise EngineOverloadedError("the waiting queue is full")
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         req = Request(request_id, prompt_token_ids, params, seed)
+        req.grammar = self.structured.start(params.structured)  # compiled (cached) or InvalidRequestError
         self.requests[request_id] = req
         if self.tokenizer is not None:
             self.detokenizers[request_id] = IncrementalDetokenizer(
@@ -137,6 +140,8 @@ class EngineCore:
             sample = out.samples.get(req.request_id)
             if sample is not None:
                 req.append_sample(sample, self.weight_version)
+                if req.grammar is not None:
+                    req.grammar.accept(sample.token_id)
                 self._check_stop(req, sample.token_id)
             elif req.params.max_tokens == 0 and req.num_computed_tokens == req.num_tokens:
                 self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
@@ -154,6 +159,8 @@ class EngineCore:
         # EOS and stop tokens do not end a request before min_tokens outputs.
         can_stop = req.num_output_tokens >= sp.min_tokens
         if can_stop and not sp.ignore_eos and token in self.model_info.eos_token_ids:
+            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+        elif req.grammar is not None and req.grammar.is_done:  # the grammar ended: nothing may follow
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
         elif can_stop and token in sp.stop_token_ids:
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED, token)

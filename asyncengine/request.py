@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from asyncengine.outputs import FinishReason, PromptLogprobs, SampleResult, TopLogprobs
 from asyncengine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from asyncengine.structured.state import GrammarState
 
 
 class RequestStatus(enum.IntEnum):
@@ -65,6 +69,8 @@ class Request:
         self.prompt_logprobs_sent = False
         # How many output tokens / characters have been reported in a RequestOutput.
         self.num_reported_tokens = 0
+        # Structured output: the grammar matcher over the tokens sampled so far (None = free).
+        self.grammar: GrammarState | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -6,6 +6,7 @@ import torch
 from asyncengine import logprobs as L
 from asyncengine.outputs import PromptLogprobs, SampleResult
 from asyncengine.request import Request
+from asyncengine.structured.bitmask import allowed_tokens
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
@@ -15,9 +16,12 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
         logits, params, [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests]
     )
     scaled = L.apply_temperature(penalized, params)  # [R, V]
-    mask = L.support_mask(scaled, params)  # [R, V]
+    # The grammar's allowed set G comes after top-k/top-p/min-p: S ∩ G (logprobs.grammar_support).
+    outputs = [r.output_token_ids if r.grammar is not None else () for r in requests]
+    allowed = allowed_tokens([r.grammar for r in requests], outputs, logits.shape[1], logits.device)
+    mask = L.grammar_support(scaled, params, L.support_mask(scaled, params), allowed)  # [R, V]
     # z' on the support; when no row filters, z' itself (masked_fill of nothing is a copy).
-    filters = any(p.top_k_active or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
+    filters = allowed is not None or any(p.top_k_active or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
     restricted = L.restrict(scaled, mask) if filters else scaled  # [R, V]
     # processed_log_probs = restricted - lse, row by row below: only the rows and entries
     # that are read get materialized, with the same bits.
@@ -26,6 +30,9 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
     raw = L.raw_log_probs(logits) if need_raw else None
     kept = L.log_kept_mass(scaled, mask) if any(p.return_log_kept_mass for p in params) else None
     greedy_tokens = L.row_argmax(scaled).tolist()  # first maximum = lowest id
+    for r, req in enumerate(requests):
+        if req.grammar is not None and req.params.greedy:  # the most likely allowed token
+            greedy_tokens[r] = int(L.row_argmax(restricted[r : r + 1])[0])
 
     results = []
     for r, req in enumerate(requests):

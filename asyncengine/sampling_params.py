@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from asyncengine.structured.spec import StructuredSpec
+
 LogprobsMode = Literal["processed", "raw"]
 MAX_TOP_LOGPROBS = 20
 # Temperatures below this are greedy: dividing logits by a tinier T overflows to inf/NaN.
@@ -59,6 +61,8 @@ class SamplingParams:
     # Salts the request's prefix-cache hashes: only requests with the same salt share cached KV
     # (vLLM's cache_salt, for isolating tenants or experiments). Outputs never depend on it.
     cache_salt: str | None = None
+    # Structured output: the grammar the output must match (None = free text).
+    structured: StructuredSpec | None = None
 
     def __post_init__(self) -> None:
         # Accept lists from callers, store tuples (hashable, immutable).
@@ -106,6 +110,8 @@ class SamplingParams:
             )
         if self.cache_salt is not None and not isinstance(self.cache_salt, str):
             raise InvalidRequestError("cache_salt must be a string", "cache_salt")
+        if self.structured is not None and not isinstance(self.structured, StructuredSpec):
+            raise InvalidRequestError("structured must be a StructuredSpec", "structured")
         for t in self.stop_token_ids:
             _check_int(t, "stop_token_ids", lo=0, hi=None if vocab_size is None else vocab_size - 1)
 

@@ -73,7 +73,7 @@ MALFORMED: list[tuple[str, Any, int, str, str | None]] = [
     (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 50}, 400, BAD, "top_logprobs"),
     (CHAT, {"messages": USER, "logprobs": 3}, 400, BAD, "logprobs"),
     (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, BAD, "tools[0].function"),
-    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, BAD, "response_format"),
+    (CHAT, {"messages": USER, "response_format": {"type": "xml"}}, 400, BAD, "response_format"),
     (CHAT, {"messages": USER, "model": "nope"}, 404, BAD, "model"),
     ("/tokenize", {}, 400, BAD, "prompt"),
     ("/tokenize", {"prompt": 5}, 400, BAD, "prompt"),

@@ -162,9 +162,17 @@ def test_native_template_gets_tools_and_calls(tiny_tokenizer: Any) -> None:
     assert "<|im_start|>tool\n18C" in text and "# Tools" not in text
 
 
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_tool_choice_is_a_grammar_and_is_parsed(choice: Any) -> None:
+    req = parse_tool_request({"tools": TOOLS, "tool_choice": choice})
+    assert req.forced is not None and req.forced.kind == "structural_tag" and req.forced.param == "tool_choice"
+    assert req.parse_calls and req.choice == ("required" if choice == "required" else "function")
+    assert parse_tool_request({"tools": TOOLS}).forced is None
+
+
 @pytest.mark.parametrize(("body", "param"), [
-    ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "not_a_tool"}}}, "tool_choice"),
+    ({"tools": [], "tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
     ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
     ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function"),

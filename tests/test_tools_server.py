@@ -161,14 +161,6 @@ async def test_tool_choice_none_keeps_calls_as_content(scripted: Any) -> None:
     assert choice.message.content == CALL and not choice.message.tool_calls and choice.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-async def test_required_or_named_tool_choice_is_a_clear_400(scripted: Any, choice: Any) -> None:
-    _, oai = scripted
-    with pytest.raises(openai.BadRequestError) as err:
-        await oai.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice=choice)
-    assert err.value.body["param"] == "tool_choice" and "structured outputs" in err.value.body["message"]
-
-
 @pytest.mark.parametrize("stream", [False, True])
 async def test_history_with_tool_calls_and_tool_messages(real: openai.AsyncOpenAI, engine: AsyncEngine,
                                                          stream: bool) -> None:

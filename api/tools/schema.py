@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.protocol import bad
+
+if TYPE_CHECKING:
+    from asyncengine.structured import StructuredSpec
 
 
 @dataclass(slots=True)
@@ -13,14 +16,17 @@ class ToolRequest:
 
     # Function definitions as OpenAI sends them: {"type": "function", "function": {name, ...}}.
     tools: list[dict[str, Any]] = field(default_factory=list)
-    # "none" (tools shown to the model, output never parsed) or "auto" (parsed).
+    # "none" (tools shown to the model, output never parsed), "auto" (parsed), "required" or
+    # "function" (a named function: `forced` makes the model call it).
     choice: str = "none"
-    # OpenAI's parallel_tool_calls: accepted; the parser returns every call the model made.
+    # OpenAI's parallel_tool_calls: with "required", whether more than one call may follow.
     parallel: bool = True
+    # The grammar that forces the call(s) ("required" / a named function), else None.
+    forced: StructuredSpec | None = None
 
     @property
     def parse_calls(self) -> bool:
-        return bool(self.tools) and self.choice == "auto"
+        return bool(self.tools) and self.choice != "none"
 
 
 def parse_tool_request(body: dict[str, Any]) -> ToolRequest:
@@ -33,13 +39,42 @@ def parse_tool_request(body: dict[str, Any]) -> ToolRequest:
     if len(set(names)) != len(names):
         raise bad("tool function names must be unique", "tools", "invalid_value")
     choice = body.get("tool_choice", "auto" if tools else "none")
+    parallel = body.get("parallel_tool_calls", True)
     if isinstance(choice, dict) or choice == "required":
-        raise bad("tool_choice 'required' or a named function needs structured outputs, which this server "
-                  "does not support yet; use 'auto' or 'none'", "tool_choice", "unsupported_parameter")
+        forced = _forced_calls(tools, choice, parallel)
+        return ToolRequest(tools, "required" if choice == "required" else "function", parallel, forced)
     if choice not in ("none", "auto"):
         raise bad("tool_choice must be 'none', 'auto', 'required' or a named function", "tool_choice",
                   "invalid_value")
-    return ToolRequest(tools=tools, choice=choice, parallel=body.get("parallel_tool_calls", True))
+    return ToolRequest(tools=tools, choice=choice, parallel=parallel)
+
+
+def _forced_calls(tools: list[dict[str, Any]], choice: Any, parallel: bool) -> StructuredSpec:
+    """The grammar of a forced call: hermes-style `<tool_call>{"name", "arguments"}</tool_call>`
+    blocks whose arguments follow the function's parameter schema, over every tool
+    ("required"; several calls when parallel) or over the named one (exactly one call). The
+    parser then reads the call as any other, so forced and free calls come back alike."""
+    from asyncengine.sampling_params import InvalidRequestError
+    from asyncengine.structured import StructuredSpec
+    from asyncengine.structured.tools import function_schemas, required_tag
+
+    try:
+        schemas = function_schemas(tools)
+    except InvalidRequestError as exc:
+        raise bad(str(exc), exc.param) from None
+    if not schemas:
+        raise bad("tool_choice 'required' or a named function needs at least one tool", "tool_choice")
+    if choice != "required":
+        fn = choice.get("function") if choice.get("type", "function") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or name not in schemas:
+            raise bad("tool_choice must name a function in tools: {'type': 'function', 'function': {'name': ...}}",
+                      "tool_choice", "invalid_value")
+        schemas, parallel = {name: schemas[name]}, False
+    try:
+        return StructuredSpec.structural_tag(required_tag(schemas, parallel), param="tool_choice")
+    except InvalidRequestError as exc:
+        raise bad(str(exc), exc.param) from None
 
 
 def _tool(tool: Any, i: int) -> dict[str, Any]:
