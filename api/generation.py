@@ -5,7 +5,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -17,8 +17,10 @@ from api.responses import ChoiceBuilder, TokenStrings, merge_pieces, role_piece,
 from asyncengine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from asyncengine.engine_core import EngineOverloadedError
 from asyncengine.outputs import RequestOutput
+from asyncengine.reliability.errors import QueueTimeoutError, RequestFailedError
 from asyncengine.sampling_params import InvalidRequestError
 
+T = TypeVar("T")
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -32,6 +34,11 @@ def engine_error(exc: Exception) -> APIError:
                         headers={"Retry-After": "1"})
     if isinstance(exc, EngineDeadError):
         return APIError(500, str(exc), "server_error", code="engine_dead")
+    if isinstance(exc, QueueTimeoutError):
+        return APIError(503, f"The server is overloaded: {exc}", "server_error", code=exc.code,
+                        headers={"Retry-After": "1"})
+    if isinstance(exc, RequestFailedError):  # this request failed inside the engine; others go on
+        return APIError(500, f"The request failed in the engine: {exc}", "server_error", code=exc.code)
     raise exc
 
 
@@ -102,7 +109,7 @@ class GenerationHandler:
         try:
             async for i, out in self._merged(streams, t0):
                 pieces[i].append(builders[i].piece(out))
-        except EngineDeadError as exc:
+        except (EngineDeadError, RequestFailedError) as exc:
             raise engine_error(exc) from exc
         choices = [merge_pieces(p) for p in pieces]
         body: dict[str, Any] = {**head, "choices": choices, "usage": usage(req, builders)}
@@ -116,7 +123,13 @@ class GenerationHandler:
     ) -> web.StreamResponse:
         """Steps: 1. send headers; 2. (chat) a role chunk per choice; 3. one chunk per delta;
         4. the usage chunk if asked; 5. [DONE]. A failed write (client gone) ends it; the
-        caller aborts the requests."""
+        caller aborts the requests. Headers wait for the first delta, so an error before it
+        (a queue timeout: 503) is an HTTP status, not an event."""
+        deltas = self._merged(streams, t0)
+        try:
+            first_delta = await deltas.__anext__()
+        except (EngineDeadError, RequestFailedError) as exc:
+            raise engine_error(exc) from exc
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         await resp.prepare(request)
         chunk_obj = head["object"] + ".chunk" if req.kind == "chat" else head["object"]
@@ -127,14 +140,14 @@ class GenerationHandler:
                 first["prompt_token_ids"] = req.prompts[0]
             await resp.write(sse(first))
         try:
-            async for i, out in self._merged(streams, t0):
+            async for i, out in _prepend(first_delta, deltas):
                 chunk = {**chunk_head, "choices": [builders[i].piece(out)]}
                 if req.continuous_usage:
                     chunk["usage"] = usage(req, builders)
                 await resp.write(sse(chunk))
             if req.include_usage:
                 await resp.write(sse({**chunk_head, "choices": [], "usage": usage(req, builders)}))
-        except EngineDeadError as exc:
+        except (EngineDeadError, RequestFailedError) as exc:
             await resp.write(sse(engine_error(exc).body()))
         except ConnectionResetError:
             return resp  # the client left; _serve aborts its requests
@@ -151,6 +164,12 @@ class GenerationHandler:
                 self.metrics.ttft.observe(time.perf_counter() - t0)
             self.metrics.generation_tokens.inc(len(out.token_ids))
             yield i, out
+
+
+async def _prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -41,6 +41,11 @@ class BlockPool:
         return len(self._free)
 
     @property
+    def num_cached_blocks(self) -> int:
+        """Blocks registered in the prefix cache (in use or free)."""
+        return len(self._cached)
+
+    @property
     def usage(self) -> float:
         return 1.0 - len(self._free) / self.num_blocks
 

@@ -58,6 +58,9 @@ class EngineConfig:
     seed: int = 0
     # Bound of the waiting queue; past it add_request raises EngineOverloaded.
     max_waiting: int = 4096
+    # Seconds a request may wait in the queue before it is first scheduled; past it the
+    # request fails with a queue timeout (HTTP 503). None: no limit.
+    max_queue_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -82,6 +85,8 @@ class EngineConfig:
             raise ConfigError(f"kernel_backend must be auto, cpu, torch or triton, got {self.kernel_backend!r}")
         if self.max_waiting < 1:
             raise ConfigError("max_waiting must be at least 1")
+        if self.max_queue_seconds is not None and not self.max_queue_seconds > 0:
+            raise ConfigError(f"max_queue_seconds must be positive, got {self.max_queue_seconds}")
 
     @property
     def head_dtype(self) -> str:
