@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
+from api.limits import LIMITS_KEY, Limits, check_limits
 from api.metrics import Metrics
 from api.prompts import parse_chat, parse_completion
 from api.protocol import APIError, GenerationRequest
@@ -68,6 +69,7 @@ class GenerationHandler:
     async def _serve(self, request: web.Request, req: GenerationRequest, prefix: str, obj: str) -> web.StreamResponse:
         if req.model is not None and req.model not in self.served_names:
             raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
+        check_limits(req, request.app.get(LIMITS_KEY) or Limits(), self.limit)
         t0 = time.perf_counter()
         rid = prefix + (req.request_id or uuid.uuid4().hex)
         streams = await self._open(req, rid)

@@ -18,10 +18,6 @@ class InjectedFault(RuntimeError):
     """Raised by FaultHook where a test asked for a fault."""
 
 
-def _hit(markers: tuple[str, ...], request_id: str) -> bool:
-    return any(m in request_id for m in markers)
-
-
 @dataclass(slots=True)
 class FaultHook:
     # Engine steps (1-based, counted by EngineCore) whose batched forward raises once:
@@ -38,6 +34,10 @@ class FaultHook:
     tokenize_raises_on: str | None = None
     # step() raises outside any request's isolation at this step: a fatal engine error.
     fatal_at_step: int | None = None
+    # A marked request's fault fires only after this many clean calls of its kind (so a
+    # stream can send some chunks before its error).
+    clean_calls: int = 0
+    calls: dict[tuple[str, str], int] = field(default_factory=dict)
     # The step being run (set by EngineCore) and the steps whose forward already raised.
     step: int = 0
     fired: set[int] = field(default_factory=set)
@@ -49,7 +49,7 @@ class FaultHook:
 
     def after_forward(self, request_ids: list[str]) -> None:
         """Called once the forward wrote the batch's KV (a retry must overwrite it)."""
-        poisoned = [r for r in request_ids if _hit(self.forward_raises_for, r)]
+        poisoned = [r for r in request_ids if self._fires("forward", self.forward_raises_for, r)]
         if poisoned:
             raise InjectedFault(f"injected forward error for {poisoned}")
         if self.step in self.forward_raises_at_steps and self.step not in self.fired:
@@ -59,12 +59,18 @@ class FaultHook:
     def corrupt_logits(self, logits: torch.Tensor, row_request_ids: list[str]) -> None:
         """logits: [R, V] fp32, one row per entry of row_request_ids (in place)."""
         for row, rid in enumerate(row_request_ids):
-            if _hit(self.nan_logits_for, rid):
+            if self._fires("logits", self.nan_logits_for, rid):
                 logits[row, 0] = float("nan")
 
     def before_detokenize(self, request_id: str) -> None:
-        if _hit(self.detokenize_raises_for, request_id):
+        if self._fires("detokenize", self.detokenize_raises_for, request_id):
             raise InjectedFault(f"injected detokenizer error for {request_id}")
+
+    def _fires(self, kind: str, markers: tuple[str, ...], request_id: str) -> bool:
+        if not any(m in request_id for m in markers):
+            return False
+        n = self.calls[kind, request_id] = self.calls.get((kind, request_id), 0) + 1
+        return n > self.clean_calls
 
     def wrap_tokenizer(self, tokenizer: Any) -> Any:
         if self.tokenize_raises_on is None or tokenizer is None:
