@@ -128,3 +128,53 @@ async def test_fatal_error_health_503_with_reason(llama_dir: Path) -> None:
             assert "asyncengine_healthy 0.0" in text
     finally:
         eng.shutdown()
+
+
+def _samples(text: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out
+
+
+async def test_reliability_metrics_values(llama_dir: Path) -> None:
+    from asyncengine.sampling_params import InvalidRequestError, SamplingParams
+
+    eng = _engine(llama_dir, FaultHook(nan_logits_for=("victim",)), max_waiting=2)
+    try:
+        async with TestClient(TestServer(create_app(eng, [MODEL]))) as client:
+            async def scrape() -> dict[str, float]:
+                return _samples((await (await client.get("/metrics")).read()).decode())
+
+            m = await scrape()
+            assert (m["asyncengine_kv_cache_total_blocks"], m["asyncengine_kv_cache_cached_blocks"]) == (128, 0)
+            assert "asyncengine_num_open_sessions" not in m  # no sessions module reports any
+            assert (await post(client, C, {"prompt": list(range(3, 51)), "max_tokens": 1}))[0] == 200
+            assert (await post(client, C, {"prompt": "hi", "max_tokens": 5, "request_id": "victim"}))[0] == 500
+            with pytest.raises(InvalidRequestError):
+                await eng.add_request([], SamplingParams(max_tokens=1))
+            await eng.pause()
+            held = [asyncio.create_task(post(client, C, {"prompt": "hi", "max_tokens": 5})) for _ in range(2)]
+            while eng.stats()["num_waiting"] < 2:
+                await asyncio.sleep(0.01)
+            assert (await post(client, C, {"prompt": "hi", "max_tokens": 5}))[0] == 503  # the queue is full
+            m = await scrape()
+            assert m["asyncengine_num_requests_paused"] == 2
+            await eng.pause("abort")
+            assert [r[1]["choices"][0]["finish_reason"] for r in await asyncio.gather(*held)] == ["abort"] * 2
+            await eng.resume()
+            m = await scrape()
+        # 48 prompt tokens = 3 full blocks of 16 cached; the victim's prompt fills none.
+        assert m["asyncengine_kv_cache_cached_blocks"] == 3
+        assert m["asyncengine_num_requests_paused"] == 0
+        assert m["asyncengine_requests_failed_total"] == 1
+        assert m["asyncengine_requests_aborted_total"] == 2
+        assert m["asyncengine_requests_rejected_total{reason=overloaded}"] == 1
+        assert m["asyncengine_requests_rejected_total{reason=invalid}"] == 1
+        assert m["asyncengine_requests_rejected_total{reason=queue_timeout}"] == 0
+    finally:
+        eng.shutdown()
