@@ -1,6 +1,7 @@
 """Prometheus metrics of one server (its own registry, so several apps can coexist)."""
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -53,6 +54,10 @@ def _reliability_metrics(s: dict[str, float]) -> Iterator[Metric]:
     for reason, key in _REJECTED.items():
         rejected.add_metric([reason], float(s.get(key, 0)))
     yield rejected
+    try:  # scraped on the event loop: its live tasks (a leak shows as a climb at idle)
+        yield _gauge("event_loop_tasks", "Live asyncio tasks of the server's event loop", len(asyncio.all_tasks()))
+    except RuntimeError:  # rendered outside a running loop
+        pass
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
