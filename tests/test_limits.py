@@ -15,20 +15,13 @@ from api.auth import add_api_key
 from api.limits import LIMITS_KEY, Limits
 from api.server import create_app
 from asyncengine.async_engine import AsyncEngine
-from tests.test_server import MODEL, make_engine
+from tests.test_server import MODEL, engine  # noqa: F401  (its module-scoped engine fixture)
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 API_KEY, ADMIN_KEY = "inference-key", "admin-key"
 LIMITS = Limits(max_request_tokens=1000, max_stop_strings=3, max_stop_chars=8, max_logprobs=5,
                 max_header_bytes=1024, max_headers=20)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def engine(llama_dir: Path):
-    eng = make_engine(llama_dir)
-    yield eng
-    eng.shutdown()
 
 
 @pytest.fixture
