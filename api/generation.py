@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeVar
 
 import orjson
@@ -43,6 +44,18 @@ def engine_error(exc: Exception) -> APIError:
     raise exc
 
 
+@contextlib.contextmanager
+def _tokenizer_errors() -> Iterator[None]:
+    """Parsing raises APIError for bad input; anything else is the tokenizer failing on
+    this prompt: a 500 for this request only."""
+    try:
+        yield
+    except APIError:
+        raise
+    except Exception as exc:
+        raise APIError(500, f"tokenizing the prompt failed: {exc!r}", "server_error", code="tokenizer_error") from exc
+
+
 def sse(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
@@ -58,12 +71,14 @@ class GenerationHandler:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
-        req = parse_completion(body, self.engine.tokenizer, self.engine.model_info.vocab_size)
+        with _tokenizer_errors():
+            req = parse_completion(body, self.engine.tokenizer, self.engine.model_info.vocab_size)
         return await self._serve(request, req, "cmpl-", "text_completion")
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
-        req = parse_chat(body, self.engine.tokenizer, self.engine.model_info.vocab_size)
+        with _tokenizer_errors():
+            req = parse_chat(body, self.engine.tokenizer, self.engine.model_info.vocab_size)
         return await self._serve(request, req, "chatcmpl-", "chat.completion")
 
     async def _serve(self, request: web.Request, req: GenerationRequest, prefix: str, obj: str) -> web.StreamResponse:

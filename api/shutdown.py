@@ -19,6 +19,7 @@ from aiohttp.typedefs import Handler
 
 from api.auth import PROTECTED_PREFIXES
 from api.protocol import APIError
+from asyncengine.async_engine import EngineDeadError
 
 if TYPE_CHECKING:
     from asyncengine.async_engine import AsyncEngine
@@ -52,7 +53,10 @@ def add_graceful_shutdown(app: web.Application, engine: AsyncEngine, timeout_s: 
         left = _in_flight(engine)
         if left and engine.is_healthy:
             log.warning("shutdown timeout: aborting %d requests", left)
-            await engine.pause("abort")  # their streams get finish_reason "abort"
+            try:
+                await engine.pause("abort")  # their streams get finish_reason "abort"
+            except EngineDeadError:  # died meanwhile: its streams already got the error
+                pass
         # The handlers now write their last chunks; aiohttp then waits for them to return.
         await asyncio.sleep(_POLL_S)
 

@@ -222,8 +222,9 @@ class AsyncEngine:
         """EngineCore.stats() after the latest step or command (a snapshot), with the
         requests held by a pause and those refused at admission."""
         s = dict(self._stats)
-        held = s["num_running"] + s["num_waiting"] + len(self._held)
-        s["num_paused_requests"] = held if self._paused or self._draining else 0
+        # Paused: every in-flight request waits; draining (pause "wait"): the held adds.
+        held = len(self._held)
+        s["num_paused_requests"] = s["num_running"] + s["num_waiting"] + held if self._paused else held
         s.update((f"num_rejected_{k}", v) for k, v in self.num_rejected.items())
         return s
 
@@ -388,8 +389,12 @@ class AsyncEngine:
         items: list[tuple[RequestStream, StreamItem]] = []
         for out in outs:
             stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
-            if stream is not None:  # a failed request's stream raises its error
-                items.append((stream, out if out.error is None else request_error(out.error_code or "request_failed", out.error)))
+            if stream is None:
+                continue
+            if out.error is not None:  # a failed request's stream raises its error
+                items.append((stream, request_error(out.error_code or "request_failed", out.error)))
+            else:
+                items.append((stream, out))
         orphans = _post_all(items)
         if orphans:  # their event loop is closed: nobody listens, free the blocks
             self.core.abort([s.request_id for s in orphans])

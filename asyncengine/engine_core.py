@@ -144,7 +144,8 @@ class EngineCore:
                                                f"over max_queue_seconds={limit}") for r in late]
 
     def _fail(self, req: Request, code: str, message: str) -> RequestOutput:
-        """Finish a request with an error (its blocks freed; nothing of it cached)."""
+        """Finish a request with an error: its blocks are freed, and the KV of the step that
+        failed never enters the prefix cache."""
         self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
         req.error = (code, message)
         out = self._make_output(req)
