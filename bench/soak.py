@@ -9,8 +9,9 @@ the requests completed since the last sample. At the end the traffic stops and t
 server must be idle: nothing running or waiting, every KV block free, the event-loop
 task count back to its idle level.
 
-Verdicts: RSS growth after warm-up <= 2% (median RSS of the last tenth vs the first
-sample after warm-up), no leaked blocks or tasks, p99 latency stable (last third vs
+Verdicts: memory growth after warm-up <= 2% (median of the last tenth vs the first
+sample after warm-up), for RSS and for anonymous memory (RssAnon: the heap, where a
+leak shows; RSS also moves when the kernel drops file-backed pages), no leaked blocks or tasks, p99 latency stable (last third vs
 first third after warm-up). Writes the RSS and latency curves as a PNG.
 
     nice -n 5 python bench/soak.py --minutes 30 --png docs/soak.png   # tiny random model
@@ -43,6 +44,10 @@ API = "soak-api"
 class Sample:
     t: float
     rss_mb: float
+    # Anonymous resident memory (heap, tensors: where a leak grows). RSS also counts
+    # file-backed pages (mapped weights, libraries) that the kernel may drop under memory
+    # pressure from other processes, which moves RSS by 100+ MB on a shared machine.
+    anon_mb: float
     p50_ms: float | None
     p99_ms: float | None
     completed: int
@@ -172,6 +177,14 @@ async def scrape(s: aiohttp.ClientSession, url: str) -> dict[str, float]:
     return out
 
 
+def _anon_mb(proc: psutil.Process) -> float:
+    """RssAnon of /proc/PID/status, in MB."""
+    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no RssAnon in /proc/PID/status")
+
+
 async def _idle_scrape(url: str, headers: dict[str, str]) -> dict[str, float]:
     """/metrics over a connection of its own, closed after (one server task while it lasts)."""
     async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(force_close=True)) as s:
@@ -184,26 +197,31 @@ async def sampler(s: aiohttp.ClientSession, url: str, st: State, proc: psutil.Pr
         await asyncio.sleep(every_s)
         lat, st.latencies = st.latencies, []
         q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else None
-        samples.append(Sample(time.monotonic() - st.t0, proc.memory_info().rss / 2**20, q[49] if q else None,
+        samples.append(Sample(time.monotonic() - st.t0, proc.memory_info().rss / 2**20, _anon_mb(proc),
+                              q[49] if q else None,
                               q[98] if q else None, len(lat), await scrape(s, url)))
         m = samples[-1]
-        print(f"t={m.t:7.0f}s rss={m.rss_mb:7.1f} MB p50={m.p50_ms or 0:7.1f} ms p99={m.p99_ms or 0:7.1f} ms "
+        print(f"t={m.t:7.0f}s rss={m.rss_mb:7.1f} MB anon={m.anon_mb:7.1f} MB p50={m.p50_ms or 0:7.1f} ms p99={m.p99_ms or 0:7.1f} ms "
               f"done={m.completed} kv_free={m.metrics.get('kv_cache_free_blocks')} "
               f"tasks={m.metrics.get('event_loop_tasks')}", flush=True)
 
 
 def verdicts(samples: list[Sample], warmup_s: float, idle: dict[str, float], idle_tasks0: float) -> dict[str, object]:
     after = [x for x in samples if x.t >= warmup_s] or samples
-    base = after[0].rss_mb
     tail = after[-max(1, len(after) // 10):]
+    base, base_anon = after[0].rss_mb, after[0].anon_mb
     growth = (statistics.median(x.rss_mb for x in tail) - base) / base
+    anon_growth = (statistics.median(x.anon_mb for x in tail) - base_anon) / base_anon
     third = max(1, len(after) // 3)
     first_p99 = statistics.median(x.p99_ms for x in after[:third] if x.p99_ms is not None)
     last_p99 = statistics.median(x.p99_ms for x in after[-third:] if x.p99_ms is not None)
     leaked_blocks = idle["kv_cache_total_blocks"] - idle["kv_cache_free_blocks"]
     return {
         "rss_after_warmup_mb": round(base, 1), "rss_end_mb": round(tail[-1].rss_mb, 1),
-        "rss_growth_pct": round(100 * growth, 2), "rss_ok": growth <= 0.02,
+        "rss_growth_pct": round(100 * growth, 2), "anon_after_warmup_mb": round(base_anon, 1),
+        "anon_end_mb": round(tail[-1].anon_mb, 1), "anon_growth_pct": round(100 * anon_growth, 2),
+        "rss_min_max_after_warmup_mb": [round(min(x.rss_mb for x in after), 1), round(max(x.rss_mb for x in after), 1)],
+        "rss_ok": growth <= 0.02 and anon_growth <= 0.02,
         "p99_first_third_ms": round(first_p99, 1), "p99_last_third_ms": round(last_p99, 1),
         "p99_ratio": round(last_p99 / first_p99, 3), "p99_stable": last_p99 <= 1.25 * first_p99,
         "idle_running": idle["num_requests_running"], "idle_waiting": idle["num_requests_waiting"],
@@ -221,8 +239,10 @@ def plot(samples: list[Sample], updates: list[tuple[float, str]], warmup_s: floa
 
     t = [x.t / 60 for x in samples]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    ax1.plot(t, [x.rss_mb for x in samples], color="tab:blue")
-    ax1.set_ylabel("server RSS (MB)")
+    ax1.plot(t, [x.rss_mb for x in samples], color="tab:blue", label="RSS")
+    ax1.plot(t, [x.anon_mb for x in samples], color="tab:green", label="anonymous (RssAnon)")
+    ax1.set_ylabel("server memory (MB)")
+    ax1.legend(loc="center right", fontsize=8)
     ax1.set_title(title, fontsize=9)
     ax2.plot(t, [x.p50_ms for x in samples], label="p50")
     ax2.plot(t, [x.p99_ms for x in samples], label="p99")
@@ -257,7 +277,8 @@ async def run(a: argparse.Namespace, url: str, proc: psutil.Process, steps: list
            **verdicts(samples, warmup, idle, idle0["event_loop_tasks"])}
     if a.png:
         title = (f"soak {a.minutes:g} min, {a.workers} workers, {len(st.updates)} weight updates; "
-                 f"RSS growth {out['rss_growth_pct']}%, p99 last/first third {out['p99_ratio']}")
+                 f"growth after warm-up: RSS {out['rss_growth_pct']}%, anonymous {out['anon_growth_pct']}%; "
+                 f"p99 last/first third {out['p99_ratio']}")
         plot(samples, st.updates, warmup, Path(a.png), title)
     return out
 
