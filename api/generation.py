@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 
+from api.limits import LIMITS_KEY, Limits, check_limits
 from api.metrics import Metrics
 from api.prompts import parse_chat, parse_completion
 from api.protocol import IGNORED_FIELDS_HEADER, APIError, GenerationRequest, ignored_names
@@ -17,8 +19,10 @@ from api.responses import ChoiceBuilder, TokenStrings, merge_pieces, role_piece,
 from asyncengine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from asyncengine.engine_core import EngineOverloadedError
 from asyncengine.outputs import RequestOutput
+from asyncengine.reliability.errors import QueueTimeoutError, RequestFailedError
 from asyncengine.sampling_params import InvalidRequestError
 
+T = TypeVar("T")
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -32,12 +36,29 @@ def engine_error(exc: Exception) -> APIError:
                         headers={"Retry-After": "1"})
     if isinstance(exc, EngineDeadError):
         return APIError(500, str(exc), "server_error", code="engine_dead")
+    if isinstance(exc, QueueTimeoutError):
+        return APIError(503, f"The server is overloaded: {exc}", "server_error", code=exc.code,
+                        headers={"Retry-After": "1"})
+    if isinstance(exc, RequestFailedError):  # this request failed inside the engine; others go on
+        return APIError(500, f"The request failed in the engine: {exc}", "server_error", code=exc.code)
     raise exc
 
 
 def ignored_header(req: GenerationRequest) -> dict[str, str]:
     """The header naming the request fields that were ignored (none: no header)."""
     return {IGNORED_FIELDS_HEADER: ignored_names(req.ignored_fields)} if req.ignored_fields else {}
+
+
+@contextlib.contextmanager
+def _tokenizer_errors() -> Iterator[None]:
+    """Parsing raises APIError for bad input; anything else is the tokenizer failing on
+    this prompt: a 500 for this request only."""
+    try:
+        yield
+    except APIError:
+        raise
+    except Exception as exc:
+        raise APIError(500, f"tokenizing the prompt failed: {exc!r}", "server_error", code="tokenizer_error") from exc
 
 
 def sse(obj: Any) -> bytes:
@@ -67,7 +88,9 @@ class GenerationHandler:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
-        req = parse_completion(body, self.engine.tokenizer, self.engine.model_info.vocab_size, self.strict_fields)
+        with _tokenizer_errors():
+            req = parse_completion(body, self.engine.tokenizer, self.engine.model_info.vocab_size,
+                                   self.strict_fields)
         return await self.respond(request, req, "cmpl-", "text_completion")
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -75,7 +98,8 @@ class GenerationHandler:
         if self.sessions is not None and (sid := self.sessions.session_id(request, body)) is not None:
             return await self.sessions.chat_turn(request, body, sid)
         info = self.engine.model_info
-        req = parse_chat(body, self.engine.tokenizer, info.vocab_size, self.strict_fields, self.tool_parser)
+        with _tokenizer_errors():
+            req = parse_chat(body, self.engine.tokenizer, info.vocab_size, self.strict_fields, self.tool_parser)
         return await self.respond(request, req, "chatcmpl-", "chat.completion")
 
     async def respond(
@@ -85,6 +109,7 @@ class GenerationHandler:
         `turn` (api/sessions.py) opens the request itself and adds to the response head."""
         if req.model is not None and req.model not in self.served_names:
             raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
+        check_limits(req, request.app.get(LIMITS_KEY) or Limits(), self.limit)
         t0 = time.perf_counter()
         rid = prefix + (req.request_id or uuid.uuid4().hex)
         streams = await self._open(req, rid, turn)
@@ -133,7 +158,7 @@ class GenerationHandler:
         try:
             async for i, out in self._merged(streams, t0):
                 pieces[i].append(builders[i].piece(out))
-        except EngineDeadError as exc:
+        except (EngineDeadError, RequestFailedError) as exc:
             raise engine_error(exc) from exc
         choices = [merge_pieces(p) for p in pieces]
         body: dict[str, Any] = {**head, "choices": choices, "usage": usage(req, builders)}
@@ -151,7 +176,13 @@ class GenerationHandler:
     ) -> web.StreamResponse:
         """Steps: 1. send headers; 2. (chat) a role chunk per choice; 3. one chunk per delta;
         4. the usage chunk if asked; 5. [DONE]. A failed write (client gone) ends it; the
-        caller aborts the requests."""
+        caller aborts the requests. Headers wait for the first delta, so an error before it
+        (a queue timeout: 503) is an HTTP status, not an event."""
+        deltas = self._merged(streams, t0)
+        try:
+            first_delta = await deltas.__anext__()
+        except (EngineDeadError, RequestFailedError) as exc:
+            raise engine_error(exc) from exc
         resp = web.StreamResponse(headers={**_SSE_HEADERS, **ignored_header(req)})
         await resp.prepare(request)
         chunk_head = {**head, "object": head["object"] + ".chunk"} if req.kind == "chat" else head
@@ -161,14 +192,14 @@ class GenerationHandler:
                 first["prompt_token_ids"] = req.prompts[0]
             await resp.write(sse(first))
         try:
-            async for i, out in self._merged(streams, t0):
+            async for i, out in _prepend(first_delta, deltas):
                 chunk = {**chunk_head, "choices": [builders[i].piece(out)]}
                 if req.continuous_usage:
                     chunk["usage"] = usage(req, builders)
                 await resp.write(sse(chunk))
             if req.include_usage:
                 await resp.write(sse({**chunk_head, "choices": [], "usage": usage(req, builders)}))
-        except EngineDeadError as exc:
+        except (EngineDeadError, RequestFailedError) as exc:
             await resp.write(sse(engine_error(exc).body()))
         except ConnectionResetError:
             return resp  # the client left; respond() aborts its requests
@@ -185,6 +216,12 @@ class GenerationHandler:
                 self.metrics.ttft.observe(time.perf_counter() - t0)
             self.metrics.generation_tokens.inc(len(out.token_ids))
             yield i, out
+
+
+async def _prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -1,6 +1,7 @@
 """Prometheus metrics of one server (its own registry, so several apps can coexist)."""
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -30,6 +31,33 @@ class _EngineCollector(Collector):
         yield _counter("num_preemptions", "Requests preempted (KV freed, recomputed)", s["num_preemptions"])
         yield _gauge("weight_version", "Version of the weights being served", s["weight_version"])
         yield _gauge("healthy", "1 while the engine thread is alive", 1.0 if self.healthy() else 0.0)
+        yield from _reliability_metrics(s)
+
+
+# Requests the engine refused or ended early, by the stats key that counts them.
+_REJECTED = {"overloaded": "num_rejected_overloaded", "invalid": "num_rejected_invalid",
+             "engine_dead": "num_rejected_engine_dead", "queue_timeout": "num_queue_timeouts"}
+
+
+def _reliability_metrics(s: dict[str, float]) -> Iterator[Metric]:
+    """KV blocks, paused requests, open sessions and the aborted / failed / rejected counters."""
+    yield _gauge("kv_cache_total_blocks", "KV blocks in the pool", s["num_total_blocks"])
+    yield _gauge("kv_cache_cached_blocks", "KV blocks registered in the prefix cache", s.get("num_cached_blocks", 0))
+    yield _gauge("num_requests_paused", "In-flight requests held by a pause", s.get("num_paused_requests", 0))
+    if "num_open_sessions" in s:  # only once a sessions module reports them
+        yield _gauge("num_open_sessions", "Open multi-turn sessions", s["num_open_sessions"])
+    yield _counter("requests_aborted", "Requests finished with finish_reason abort", s.get("num_aborted", 0))
+    yield _counter("requests_failed", "Requests failed inside the engine (forward, logits, detokenizer)",
+                   s.get("num_failed", 0))
+    rejected = CounterMetricFamily("asyncengine_requests_rejected", "Requests refused by the engine, by reason",
+                                   labels=["reason"])
+    for reason, key in _REJECTED.items():
+        rejected.add_metric([reason], float(s.get(key, 0)))
+    yield rejected
+    try:  # scraped on the event loop: its live tasks (a leak shows as a climb at idle)
+        yield _gauge("event_loop_tasks", "Live asyncio tasks of the server's event loop", len(asyncio.all_tasks()))
+    except RuntimeError:  # rendered outside a running loop
+        pass
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

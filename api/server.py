@@ -18,6 +18,7 @@ from api.protocol import APIError
 if TYPE_CHECKING:
     from asyncengine.async_engine import AsyncEngine
     from asyncengine.config import EngineConfig
+    from asyncengine.reliability.faults import FaultHook
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
@@ -52,6 +53,28 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="parser of tool calls in chat replies (api/tools; default: chosen by the chat template)")
     parser.add_argument("--strict-request-fields", action="store_true",
                         help="answer unknown request fields with 400 instead of ignoring them with a warning")
+    add_reliability_args(parser)
+
+
+def add_reliability_args(parser: argparse.ArgumentParser) -> None:
+    """Keys, limits, queue time and shutdown (api/auth.py, api/limits.py, api/shutdown.py)."""
+    from api.limits import Limits
+
+    d = Limits()
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on the inference endpoints (not the admin key)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="on SIGTERM, drain in-flight requests for at most S seconds, then abort the rest")
+    parser.add_argument("--max-queue-seconds", type=float, default=None,
+                        help="requests waiting longer than this before being scheduled get 503")
+    parser.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens,
+                        help="largest prompts x n x max_tokens of one request (400 beyond)")
+    parser.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings, help="stop strings per request")
+    parser.add_argument("--max-stop-chars", type=int, default=d.max_stop_chars, help="longest stop string")
+    parser.add_argument("--max-logprobs", type=int, default=d.max_logprobs, help="most top logprobs per token")
+    parser.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+                        help="longest request line or header field")
+    parser.add_argument("--max-headers", type=int, default=d.max_headers, help="most header fields per request")
 
 
 def create_app(
@@ -174,30 +197,55 @@ class _Info:
         return json_response(tokenizer_info(self.engine))
 
 
-def serve(args: argparse.Namespace, config: EngineConfig) -> None:
-    """`asyncengine serve`: load the engine, then serve HTTP until interrupted."""
+def serve(args: argparse.Namespace, config: EngineConfig, faults: FaultHook | None = None) -> None:
+    """`asyncengine serve`: load the engine, then serve HTTP until interrupted.
+
+    `faults` is the fault-injection test hook (asyncengine/reliability/faults.py), for
+    tests that run a real server process; the CLI never sets it."""
     from asyncengine.async_engine import AsyncEngine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "max_waiting", None) is not None:
         config = config.with_options(max_waiting=args.max_waiting)
+    if getattr(args, "max_queue_seconds", None) is not None:
+        config = config.with_options(max_queue_seconds=args.max_queue_seconds)
     use_uvloop = not getattr(args, "no_uvloop", False)
     from asyncengine.distributed.serve import serve_replicated, wants_replicas
 
     names = args.served_model_name or ([args.model] if args.model else None)
     if wants_replicas(args):  # N engines as Ray actors behind one front
         return serve_replicated(args, config, names, app_options(args))
-    engine = AsyncEngine.from_config(config)
+    engine = AsyncEngine.from_config(config, faults=faults)
     names = names or [engine.core.model_dir.name]
     app = create_app(engine, names, shutdown_engine=True, **app_options(args))
     _add_admin(app, engine, args)
+    limits = _add_reliability(app, engine, args)
     loop = _new_loop(use_uvloop)
     log.info("serving %s on http://%s:%d (event loop: %s)", names[0], args.host, args.port, type(loop).__module__)
     web.run_app(
         app, host=args.host, port=args.port, handler_cancellation=True, loop=loop,
         access_log=logging.getLogger("aiohttp.access") if getattr(args, "access_log", False) else None,
-        print=None,
+        print=None, handler_args=limits.handler_args(),
+        # After the drain (api/shutdown.py) every request has ended; this bounds the rest.
+        shutdown_timeout=5.0,
     )
+    if engine.dead_error is not None:  # stopped after a fatal engine error: say so in the exit code
+        log.error("exiting after a fatal engine error: %r", engine.dead_error)
+        raise SystemExit(1)
+
+
+def _add_reliability(app: web.Application, engine: AsyncEngine, args: argparse.Namespace) -> Any:
+    """--api-key, the request limits and the SIGTERM drain; returns the Limits."""
+    from api.auth import add_api_key
+    from api.limits import LIMITS_KEY, Limits
+    from api.shutdown import add_graceful_shutdown
+
+    d = Limits()
+    limits = Limits(**{f: getattr(args, f, getattr(d, f)) for f in Limits.__dataclass_fields__})
+    app[LIMITS_KEY] = limits
+    add_api_key(app, getattr(args, "api_key", None))
+    add_graceful_shutdown(app, engine, float(getattr(args, "shutdown_timeout", 30.0)))
+    return limits
 
 
 def app_options(args: argparse.Namespace) -> dict[str, Any]:

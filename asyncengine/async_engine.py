@@ -30,6 +30,8 @@ from asyncengine.async_streams import (
 )
 from asyncengine.models.weights import read_weight_source
 from asyncengine.outputs import RequestOutput
+from asyncengine.reliability.errors import request_error
+from asyncengine.reliability.faults import FaultHook
 from asyncengine.sampling_params import InvalidRequestError, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,21 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     """Serve EngineCore to asyncio callers; see the module docstring."""
 
-    def __init__(self, core: EngineCore, step_observer: StepObserver | None = None) -> None:
+    def __init__(
+        self, core: EngineCore, step_observer: StepObserver | None = None, faults: FaultHook | None = None
+    ) -> None:
         self.core = core
+        if faults is not None:  # a test hook (reliability/faults.py), never set in production
+            core.faults = core.runner.faults = faults
         self.config: EngineConfig = core.config
         self.model_info: ModelInfo = core.model_info
         # The engine thread detokenizes with core.tokenizer; HF fast tokenizers are not
         # safe to share across threads, so the loop side gets its own copy.
         self.tokenizer = copy.deepcopy(core.tokenizer) if core.tokenizer is not None else None
+        if core.faults is not None:
+            self.tokenizer = core.faults.wrap_tokenizer(self.tokenizer)
+        # Requests refused at admission, by reason (loop thread only).
+        self.num_rejected: dict[str, int] = {"overloaded": 0, "invalid": 0, "engine_dead": 0}
         self.step_observer = step_observer
         self.num_steps = 0
         self.handlers: dict[str, Callable[[Any], Any]] = {
@@ -81,8 +91,10 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config: EngineConfig, tokenizer: Any | None = None) -> AsyncEngine:
-        return cls(EngineCore(config, tokenizer))
+    def from_config(
+        cls, config: EngineConfig, tokenizer: Any | None = None, faults: FaultHook | None = None
+    ) -> AsyncEngine:
+        return cls(EngineCore(config, tokenizer, faults))
 
     # -- public API (event loop thread) -----------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -98,16 +110,20 @@ class AsyncEngine:
         if params.structured is not None:  # compile in a worker thread, not on the step thread
             await asyncio.to_thread(self.core.structured.precompile, params.structured)
         stream = RequestStream(self, request_id or uuid.uuid4().hex, asyncio.get_running_loop())
-        with self._cond:
-            self._check_alive()
-            # Refuse at once when the queue is surely full, rather than a step later.
-            if self._stats["num_waiting"] + self._pending_adds >= self.config.max_waiting:
-                raise EngineOverloadedError("the waiting queue is full")
-            self._pending_adds += 1
         try:
+            with self._cond:
+                self._check_alive()
+                # Refuse at once when the queue is surely full, rather than a step later.
+                if self._stats["num_waiting"] + self._pending_adds >= self.config.max_waiting:
+                    raise EngineOverloadedError("the waiting queue is full")
+                self._pending_adds += 1
             await self.submit("add", _Add(stream, ids, params))
         except asyncio.CancelledError:
             self.abort(stream.request_id)  # the add may still be applied; the abort behind it undoes it
+            raise
+        except (EngineOverloadedError, InvalidRequestError, EngineDeadError) as exc:
+            reason = {EngineOverloadedError: "overloaded", InvalidRequestError: "invalid"}.get(type(exc), "engine_dead")
+            self.num_rejected[reason] += 1
             raise
         return stream
 
@@ -205,8 +221,14 @@ class AsyncEngine:
         return await self.submit("call", fn)
 
     def stats(self) -> dict[str, float]:
-        """EngineCore.stats() after the latest step or command (a snapshot)."""
-        return dict(self._stats)
+        """EngineCore.stats() after the latest step or command (a snapshot), with the
+        requests held by a pause and those refused at admission."""
+        s = dict(self._stats)
+        # Paused: every in-flight request waits; draining (pause "wait"): the held adds.
+        held = len(self._held)
+        s["num_paused_requests"] = s["num_running"] + s["num_waiting"] + held if self._paused else held
+        s.update((f"num_rejected_{k}", v) for k, v in self.num_rejected.items())
+        return s
 
     @property
     def is_healthy(self) -> bool:
@@ -236,6 +258,10 @@ class AsyncEngine:
             while (commands := self._next_commands()) is not None:
                 for cmd in commands:
                     self._apply(cmd)
+                # Queued requests expire while paused too.
+                if self._paused and (expired := self.core.expire_waiting()):
+                    self._stats = self.core.stats()
+                    self._deliver(expired)
                 if not self._paused and self.core.has_unfinished():
                     self._step()
                 self._check_drained()
@@ -254,11 +280,20 @@ class AsyncEngine:
         """Sleep until there is a command or a step to run; None means stop."""
         with self._cond:
             while not (self._inbox or self._stopping or (not self._paused and self.core.has_unfinished())):
-                self._cond.wait()
+                if not self._cond.wait(self._wait_timeout()):
+                    break  # timed out: check the queue for expired requests
             if self._stopping:
                 return None
             commands, self._inbox = self._inbox, []
             return commands
+
+    def _wait_timeout(self) -> float | None:
+        """How long the idle engine thread may sleep: forever, unless queued requests
+        can expire (max_queue_seconds) while it is paused."""
+        limit = self.config.max_queue_seconds
+        if limit is None or not self.core.scheduler.waiting:
+            return None
+        return min(0.05, limit / 4)
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -356,7 +391,11 @@ class AsyncEngine:
         items: list[tuple[RequestStream, StreamItem]] = []
         for out in outs:
             stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
-            if stream is not None:
+            if stream is None:
+                continue
+            if out.error is not None:  # a failed request's stream raises its error
+                items.append((stream, request_error(out.error_code or "request_failed", out.error)))
+            else:
                 items.append((stream, out))
         orphans = _post_all(items)
         if orphans:  # their event loop is closed: nobody listens, free the blocks

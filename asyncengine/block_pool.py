@@ -56,6 +56,11 @@ class BlockPool:
         return len(self._protected)
 
     @property
+    def num_cached_blocks(self) -> int:
+        """Blocks registered in the prefix cache (in use or free)."""
+        return len(self._cached)
+
+    @property
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 

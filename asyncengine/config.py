@@ -65,6 +65,9 @@ class EngineConfig:
     # Largest share of the KV pool that live sessions' free cached blocks may hold while
     # they are evicted last (after every other free block).
     session_kv_fraction: float = 0.5
+    # Seconds a request may wait in the queue before it is first scheduled; past it the
+    # request fails with a queue timeout (HTTP 503). None: no limit.
+    max_queue_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -95,6 +98,8 @@ class EngineConfig:
             raise ConfigError(f'device must be "cpu", "cuda" or "cuda:N", got {self.device!r}')
         if self.kernel_backend == "cpu" and self.device != "cpu":
             raise ConfigError('kernel_backend="cpu" runs on device="cpu" only')
+        if self.max_queue_seconds is not None and not self.max_queue_seconds > 0:
+            raise ConfigError(f"max_queue_seconds must be positive, got {self.max_queue_seconds}")
 
     @property
     def head_dtype(self) -> str:

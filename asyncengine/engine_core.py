@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -12,7 +13,9 @@ from asyncengine.detokenizer import IncrementalDetokenizer
 from asyncengine.kv_cache_manager import KVCacheManager
 from asyncengine.model_files import resolve_model
 from asyncengine.model_runner import ModelRunner, load_model
-from asyncengine.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
+from asyncengine.outputs import ModelRunnerOutput, RequestOutput, ScheduledRequest, SchedulerOutput
+from asyncengine.reliability.faults import FaultHook
+from asyncengine.reliability.isolation import execute_isolated
 from asyncengine.request import Request, RequestStatus
 from asyncengine.sampling_params import InvalidRequestError, SamplingParams
 from asyncengine.scheduler import Scheduler
@@ -26,8 +29,16 @@ class EngineOverloadedError(RuntimeError):
     """The waiting queue is full; retry later."""
 
 
+class _RequestFault(Exception):
+    """One request failed while its step's output was applied (code, message)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class EngineCore:
-    def __init__(self, config: EngineConfig, tokenizer: Any | None = None) -> None:
+    def __init__(self, config: EngineConfig, tokenizer: Any | None = None, faults: FaultHook | None = None) -> None:
         import torch
 
         if config.num_threads is not None:
@@ -52,12 +63,19 @@ class EngineCore:
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching, cap)
         self.kv = KVCacheManager(self.pool, config.block_size)
         self.scheduler = Scheduler(config, self.kv, max_len)
-        self.runner = ModelRunner(self.model, config, num_blocks)
+        # Test hook injecting faults (asyncengine/reliability/faults.py); None in production.
+        self.faults = faults
+        self.runner = ModelRunner(self.model, config, num_blocks, faults)
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.weight_version = 0
         self._seeds = random.Random(config.seed)
         self.structured = StructuredOutputs(self.tokenizer, args.vocab_size, self.model_info.eos_token_ids)
+        self.num_steps = 0
+        # Requests finished with "abort", failed inside the engine, expired in the queue.
+        self.num_aborted = 0
+        self.num_failed = 0
+        self.num_queue_timeouts = 0
 
     # -- requests ---------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -116,46 +134,96 @@ class EngineCore:
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
             outs.append(self._make_output(req))
             self._forget(req)
+            self.num_aborted += 1
         return outs
+
+    def expire_waiting(self) -> list[RequestOutput]:
+        """Fail the requests that waited over max_queue_seconds without ever being scheduled."""
+        limit = self.config.max_queue_seconds
+        if limit is None or not self.scheduler.waiting:
+            return []
+        now = time.monotonic()
+        late = [r for r in self.scheduler.waiting if r.status == RequestStatus.WAITING and now - r.arrival_time > limit]
+        return [self._fail(r, "queue_timeout", f"the request waited {now - r.arrival_time:.2f} s in the queue, "
+                                               f"over max_queue_seconds={limit}") for r in late]
+
+    def _fail(self, req: Request, code: str, message: str) -> RequestOutput:
+        """Finish a request with an error: its blocks are freed, and the KV of the step that
+        failed never enters the prefix cache."""
+        self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+        req.error = (code, message)
+        out = self._make_output(req)
+        out.error, out.error_code = message, code
+        self._forget(req)
+        if code == "queue_timeout":
+            self.num_queue_timeouts += 1
+        else:
+            self.num_failed += 1
+        return out
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # -- the step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.num_steps += 1
+        if self.faults is not None:
+            self.faults.before_step(self.num_steps)
+        expired = self.expire_waiting()
         sched = self.scheduler.schedule()
-        runner_out = self.runner.execute(sched)
-        return self._update(sched, runner_out)
+        # A request whose forward fails (or whose logits are not finite) fails alone.
+        runner_out, forward_failed = execute_isolated(self.runner, sched)
+        failed = {rid: ("nonfinite_logits", msg) for rid, msg in runner_out.failed.items()}
+        failed.update((rid, ("forward_error", msg)) for rid, msg in forward_failed.items())
+        return expired + self._update(sched, runner_out, failed)
 
-    def _update(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[RequestOutput]:
+    def _update(
+        self, sched: SchedulerOutput, out: ModelRunnerOutput, failed: dict[str, tuple[str, str]]
+    ) -> list[RequestOutput]:
         outputs = []
         for s in sched.scheduled:
             req = s.request
-            req.num_computed_tokens += s.num_new_tokens
-            # Before any finish frees the blocks: finished requests' blocks stay cached.
-            self.kv.cache_full_blocks(req, req.kv_weight_version)
-            prompt_lp = out.prompt_logprobs.get(req.request_id)
-            if prompt_lp is not None:
-                req.append_prompt_logprobs(prompt_lp)
-            sample = out.samples.get(req.request_id)
-            if sample is not None:
-                req.append_sample(sample, self.weight_version)
-                if req.grammar is not None:
-                    req.grammar.accept(sample.token_id)
-                self._check_stop(req, sample.token_id)
-            elif req.params.max_tokens == 0 and req.num_computed_tokens == req.num_tokens:
-                self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
-            if sample is not None or req.is_finished or (req.prompt_logprobs_done and not req.prompt_logprobs_sent
-                                                         and req.wants_prompt_logprobs):
-                outputs.append(self._make_output(req))
-            if req.is_finished:
-                self._forget(req)
+            if req.request_id in failed:
+                outputs.append(self._fail(req, *failed[req.request_id]))
+                continue
+            try:
+                self._update_one(s, req, out, outputs)
+            except _RequestFault as exc:
+                outputs.append(self._fail(req, exc.code, str(exc)))
         return outputs
+
+    def _update_one(
+        self, s: ScheduledRequest, req: Request, out: ModelRunnerOutput, outputs: list[RequestOutput]
+    ) -> None:
+        req.num_computed_tokens += s.num_new_tokens
+        # Before any finish frees the blocks: finished requests' blocks stay cached.
+        self.kv.cache_full_blocks(req, req.kv_weight_version)
+        prompt_lp = out.prompt_logprobs.get(req.request_id)
+        if prompt_lp is not None:
+            req.append_prompt_logprobs(prompt_lp)
+        sample = out.samples.get(req.request_id)
+        if sample is not None:
+            req.append_sample(sample, self.weight_version)
+            if req.grammar is not None:
+                req.grammar.accept(sample.token_id)
+            self._check_stop(req, sample.token_id)
+        elif req.params.max_tokens == 0 and req.num_computed_tokens == req.num_tokens:
+            self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
+        if sample is not None or req.is_finished or (req.prompt_logprobs_done and not req.prompt_logprobs_sent
+                                                     and req.wants_prompt_logprobs):
+            outputs.append(self._make_output(req))
+        if req.is_finished:
+            self._forget(req)
 
     def _check_stop(self, req: Request, token: int) -> None:
         sp = req.params
         detok = self.detokenizers.get(req.request_id)
-        stop_str = detok.add(token) if detok is not None else None
+        try:
+            if self.faults is not None:
+                self.faults.before_detokenize(req.request_id)
+            stop_str = detok.add(token) if detok is not None else None
+        except Exception as exc:  # this request's text is broken: it fails, the batch goes on
+            raise _RequestFault("detokenizer_error", f"detokenizing the output failed: {exc!r}") from exc
         # EOS and stop tokens do not end a request before min_tokens outputs.
         can_stop = req.num_output_tokens >= sp.min_tokens
         if can_stop and not sp.ignore_eos and token in self.model_info.eos_token_ids:
@@ -249,6 +317,10 @@ class EngineCore:
             "prefix_hit_tokens": kv.num_hit_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
             "weight_version": self.weight_version,
+            "num_cached_blocks": self.pool.num_cached_blocks,
+            "num_aborted": self.num_aborted,
+            "num_failed": self.num_failed,
+            "num_queue_timeouts": self.num_queue_timeouts,
         }
 
 

@@ -11,6 +11,7 @@ from asyncengine.config import ConfigError, EngineConfig
 from asyncengine.models.args import ModelArgs, rope_inv_freq
 from asyncengine.models.llama import LlamaModel
 from asyncengine.models.weights import load_weights, read_safetensors
+from asyncengine.reliability.faults import FaultHook
 from asyncengine.outputs import ModelRunnerOutput, PromptLogprobs, SampleResult, SchedulerOutput
 from asyncengine.request import Request
 from kernels.attention import AttentionMetadata
@@ -61,8 +62,12 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, config: EngineConfig, num_blocks: int) -> None:
+    def __init__(
+        self, model: LlamaModel, config: EngineConfig, num_blocks: int, faults: FaultHook | None = None
+    ) -> None:
         self.model = model
+        # Test hook (asyncengine/reliability/faults.py); None in production.
+        self.faults = faults
         self.config = config
         self.block_size = config.block_size
         a = model.args
@@ -93,23 +98,51 @@ class ModelRunner:
     def _execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         step = self._prepare(sched)
         hidden = self.model.forward(step.input_ids, step.meta, self.kv_caches)  # [T, H]
+        if self.faults is not None:
+            self.faults.after_forward([s.request.request_id for s in sched.scheduled])
         if not step.rows:
             return ModelRunnerOutput(samples={}, prompt_logprobs={})
         logits = self.model.compute_logits(_take_rows(hidden, step.rows, step.row_index))  # [R, V] fp32
         if logits.device.type == "cuda":
             logits = _to_host(logits)
+        sample_reqs, plp_slices = step.sample_reqs, step.plp_slices
+        failed = self._nonfinite_rows(logits, sample_reqs, plp_slices)
+        if failed:  # drop the failed requests' rows; the others sample row by row, unchanged
+            sample_reqs = [(i, r) for i, r in sample_reqs if r.request_id not in failed]
+            plp_slices = [p for p in plp_slices if p[0].request_id not in failed]
         samples: dict[str, SampleResult] = {}
-        sample_reqs = step.sample_reqs
         if sample_reqs:
             results = sampler.sample(_take_rows(logits, [i for i, _ in sample_reqs]), [r for _, r in sample_reqs])
             samples = {r.request_id: res for (_, r), res in zip(sample_reqs, results)}
         plps: dict[str, PromptLogprobs] = {}
-        for req, lo_row, (lo, hi) in step.plp_slices:
+        for req, lo_row, (lo, hi) in plp_slices:
             targets = req.prompt_token_ids[lo + 1 : hi + 1]
             plps[req.request_id] = sampler.prompt_logprobs(
                 logits[lo_row : lo_row + hi - lo], targets, req.params.prompt_logprobs or 0
             )
-        return ModelRunnerOutput(samples=samples, prompt_logprobs=plps)
+        return ModelRunnerOutput(samples=samples, prompt_logprobs=plps, failed=failed)
+
+    def _nonfinite_rows(
+        self, logits: torch.Tensor, sample_reqs: list[tuple[int, Request]],
+        plp_slices: list[tuple[Request, int, tuple[int, int]]],
+    ) -> dict[str, str]:
+        """request_id -> reason, for requests with a NaN or inf among their logits rows.
+
+        A row sum is finite iff every entry is (fp32 logits are far from overflow), so
+        one [R] reduction and one host sync check the whole step.
+        """
+        owners = [""] * logits.shape[0]
+        for req, lo_row, (lo, hi) in plp_slices:
+            owners[lo_row : lo_row + hi - lo] = [req.request_id] * (hi - lo)
+        for i, req in sample_reqs:
+            owners[i] = req.request_id
+        if self.faults is not None:
+            self.faults.corrupt_logits(logits, owners)
+        finite = torch.isfinite(logits.sum(dim=-1))  # [R]
+        if bool(finite.all()):
+            return {}
+        bad = (~finite).nonzero()[:, 0].tolist()
+        return {owners[i]: "the model produced non-finite logits (NaN or inf)" for i in bad}
 
     def _prepare(self, sched: SchedulerOutput) -> StepInputs:
         bs = self.block_size

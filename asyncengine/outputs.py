@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from asyncengine.request import Request
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "error"]
 # A top-N entry: (token_id, logprob), sorted by logprob descending, ties by lower token id.
 TopLogprobs = list[tuple[int, float]]
 
@@ -66,6 +66,8 @@ class ModelRunnerOutput:
     samples: dict[str, SampleResult]
     # request_id -> prompt logprobs computed this step.
     prompt_logprobs: dict[str, PromptLogprobs]
+    # request_id -> why its rows of this step failed (non-finite logits); no sample for it.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -95,6 +97,11 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    # finish_reason "error": what failed (error_code names it: forward_error,
+    # nonfinite_logits, detokenizer_error, queue_timeout); AsyncEngine raises it as
+    # RequestFailedError on the request's stream.
+    error: str | None = None
+    error_code: str | None = None
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
 
     @property
     def is_finished(self) -> bool:
@@ -35,6 +36,7 @@ _FINISH_REASONS: dict[RequestStatus, FinishReason] = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -55,6 +57,8 @@ class Request:
         # Tokens served from the prefix cache at (first) admission.
         self.num_cached_tokens = 0
         self.stop_reason: str | int | None = None
+        # (code, message) once the request failed inside the engine (FINISHED_ERROR).
+        self.error: tuple[str, str] | None = None
         # Weight version the request's current KV was computed with (prefix-hash salt).
         self.kv_weight_version = 0
         # Per output token.

@@ -12,12 +12,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(flags: list[str], log: Path, timeout: float = 300.0) -> tuple[subprocess.Popen[bytes], str]:
-    """`asyncengine serve --port P *flags`; returns (process, base url) once /health answers."""
+def start_server(
+    flags: list[str], log: Path, timeout: float = 300.0, module: tuple[str, ...] = ("asyncengine.cli", "serve")
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m asyncengine.cli serve --port P *flags` (or another `module` taking the
+    same flags); returns (process, base url) once /health answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "asyncengine.cli", "serve", "--port", str(port), *flags]
+    cmd = [sys.executable, "-m", *module, "--port", str(port), *flags]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with log.open("wb") as out:
         # cwd = repo root: from bench/, bench/kernels.py would shadow the kernels package.

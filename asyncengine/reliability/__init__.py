@@ -1,0 +1,1 @@
+"""Reliability: typed per-request errors and the fault-injection test hook."""
