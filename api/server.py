@@ -237,15 +237,22 @@ def serve(args: argparse.Namespace, config: EngineConfig, faults: FaultHook | No
 def _add_reliability(app: web.Application, engine: AsyncEngine, args: argparse.Namespace) -> Any:
     """--api-key, the request limits and the SIGTERM drain; returns the Limits."""
     from api.auth import add_api_key
-    from api.limits import LIMITS_KEY, Limits
+    from api.limits import LIMITS_KEY
     from api.shutdown import add_graceful_shutdown
 
-    d = Limits()
-    limits = Limits(**{f: getattr(args, f, getattr(d, f)) for f in Limits.__dataclass_fields__})
+    limits = limits_from_args(args)
     app[LIMITS_KEY] = limits
     add_api_key(app, getattr(args, "api_key", None))
     add_graceful_shutdown(app, engine, float(getattr(args, "shutdown_timeout", 30.0)))
     return limits
+
+
+def limits_from_args(args: argparse.Namespace) -> Any:
+    """api.limits.Limits from the serve flags (defaults for flags a caller did not add)."""
+    from api.limits import Limits
+
+    d = Limits()
+    return Limits(**{f: getattr(args, f, getattr(d, f)) for f in Limits.__dataclass_fields__})
 
 
 def app_options(args: argparse.Namespace) -> dict[str, Any]:

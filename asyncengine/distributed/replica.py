@@ -68,7 +68,13 @@ class EngineReplica:
         from asyncengine.async_engine import AsyncEngine
 
         self.engine = AsyncEngine.from_config(self.config)
-        app = create_app(self.engine, self.names, **self.app_options)
+        options = dict(self.app_options)
+        limits = options.pop("limits", None)  # api/limits.py's request limits, as on one server
+        app = create_app(self.engine, self.names, **options)
+        if limits is not None:
+            from api.limits import LIMITS_KEY
+
+            app[LIMITS_KEY] = limits
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, 0)

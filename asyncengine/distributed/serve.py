@@ -50,10 +50,16 @@ def serve_replicated(args: argparse.Namespace, config: EngineConfig, names: list
     config = replica_config(config, options)
     tokenizer, block_size = _front_tokenizer(config), config.block_size
     loop = _new_loop(not getattr(args, "no_uvloop", False))
-    group = loop.run_until_complete(ReplicaGroup.start(config, options, names, app_options))
+    from api.server import limits_from_args
+
+    group = loop.run_until_complete(
+        ReplicaGroup.start(config, options, names, {**app_options, "limits": limits_from_args(args)}))
     front = Front(group, tokenizer, block_size, admin_key=args.admin_key,
                   allowed_weights_dir=Path(args.allowed_weights_dir) if args.allowed_weights_dir else None)
     app = front.app()
+    from api.auth import add_api_key
+
+    add_api_key(app, getattr(args, "api_key", None))  # checked at the front, before any proxying
 
     async def stop(_: web.Application) -> None:
         await group.shutdown()
@@ -62,7 +68,7 @@ def serve_replicated(args: argparse.Namespace, config: EngineConfig, names: list
     log.info("serving %d replicas on http://%s:%d: %s", options.num_replicas, args.host, args.port,
              ", ".join(r.url for r in group.replicas))
     web.run_app(app, host=args.host, port=args.port, handler_cancellation=True, loop=loop, print=None,
-                access_log=None)
+                access_log=None, handler_args=limits_from_args(args).handler_args())
 
 
 def _front_tokenizer(config: EngineConfig) -> Any | None:
