@@ -13,6 +13,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from api.protocol import CHAT_FIELDS, COMPLETION_FIELDS
+from api.tito import _SAMPLING_FIELDS as TITO_SAMPLING_FIELDS
 
 VOCAB = 384
 MODEL = "tiny"
@@ -50,6 +51,27 @@ _SPECIAL: dict[str, st.SearchStrategy[Any]] = {
     "top_logprobs": st.integers(0, 5) | st.sampled_from([20, 21, -1]),
     "prompt_logprobs": st.integers(0, 3),
     "request_id": st.text(max_size=10),
+    # Tools, forced calls and structured outputs: valid shapes (which reach the grammar
+    # compiler and the parser) next to broken ones.
+    "tools": st.lists(st.sampled_from([
+        {"type": "function", "function": {"name": "add", "parameters": {
+            "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}},
+        {"type": "function", "function": {"name": "noop"}},
+        {"type": "function", "function": {"name": "bad", "parameters": {"type": "nonsense"}}},
+        {"type": "retrieval"}]), max_size=2) | st.lists(json_values, max_size=2),
+    "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "add"}},
+                                    {"type": "function", "function": {"name": "missing"}}]) | json_values,
+    "response_format": st.sampled_from([
+        {"type": "text"}, {"type": "json_object"}, {"type": "xml"},
+        {"type": "json_schema", "json_schema": {"name": "v", "schema": {"type": "object", "properties": {
+            "ok": {"type": "boolean"}}, "required": ["ok"]}}},
+        {"type": "json_schema", "json_schema": {"name": "v", "schema": {"type": 7}}}]) | json_values,
+    "structured_outputs": st.sampled_from([
+        {"regex": "[ab]{1,3}"}, {"choice": ["yes", "no"]}, {"json": {"type": "integer"}}, {"regex": "("},
+        {"grammar": 'root ::= "x" | "y"'}, {"grammar": "root ::="}, {"choice": []}]) | json_values,
+    "guided_regex": st.sampled_from(["[0-9]{1,2}", "(", ""]) | json_values,
+    "guided_choice": st.sampled_from([["a", "b"], [], [""]]) | json_values,
+    "cache_salt": st.text(max_size=4) | st.just("s" * 129),
 }
 good_prompts = texts | token_ids | st.lists(texts | token_ids, min_size=1, max_size=3)
 completion_prompts = good_prompts | bad_token_ids | json_values
@@ -100,8 +122,39 @@ class Route:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@st.composite
+def _generate_body(draw: st.DrawFn) -> Any:
+    """/inference/v1/generate: token ids and vLLM's sampling_params, typed or hostile."""
+    hostile = draw(st.booleans())
+    body: dict[str, Any] = {"token_ids": draw((bad_token_ids | json_values) if hostile else token_ids)}
+    sampling: dict[str, Any] = {"max_tokens": draw(st.integers(0, 6))}
+    names = sorted(TITO_SAMPLING_FIELDS)
+    for name in draw(st.lists(st.sampled_from(names), max_size=4 if hostile else 2, unique=True)):
+        sampling[name] = draw(_field_value(name, TITO_SAMPLING_FIELDS[name], hostile))
+    body["sampling_params"] = draw(json_values) if hostile and not draw(st.integers(0, 4)) else sampling
+    for name in draw(st.lists(st.sampled_from(["stream", "cache_salt", "request_id", "features", "priority", "zz"]),
+                              max_size=2, unique=True)):
+        body[name] = draw(json_scalars)
+    return draw(json_values) if hostile and not draw(st.integers(0, 9)) else body
+
+
+@st.composite
+def _session_turn(draw: st.DrawFn) -> Any:
+    """A chat turn on the session SESSION (deleted after each example): a first turn, or
+    one whose history does not match what the server holds."""
+    body = draw(_generation_body(CHAT_FIELDS, "messages", good_messages, chat_messages))
+    if isinstance(body, dict):
+        body["session_id"] = draw(st.sampled_from([SESSION, SESSION, ""]) | json_scalars)
+    return body
+
+
+SESSION = "fuzz-session"
 modes = st.sampled_from(["keep", "abort", "wait", "recompute", "", "x"]).map(lambda m: f"?mode={m}") | st.just("")
 ROUTES: list[Route] = [
+    Route("POST", "/inference/v1/generate", _generate_body()),
+    Route("POST", "/v1/chat/completions", _session_turn(), undo=("DELETE", f"/v1/sessions/{SESSION}")),
+    Route("GET", f"/v1/sessions/{SESSION}"),
+    Route("DELETE", "/v1/sessions/unknown-session"),
     Route("POST", "/v1/completions", _generation_body(COMPLETION_FIELDS, "prompt", good_prompts, completion_prompts)),
     Route("POST", "/v1/chat/completions", _generation_body(CHAT_FIELDS, "messages", good_messages, chat_messages)),
     Route("POST", "/tokenize", st.fixed_dictionaries({}, optional={

@@ -91,12 +91,13 @@ async def _send(h: _Harness, route: Route, body: Any, query: str, key: str, seen
         _check_sse(raw)
     if route.undo is not None:
         undo = await h.client.request(route.undo[0], route.undo[1], headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-        assert undo.status == 200
+        # A session that the example did not open is already gone.
+        assert undo.status == 200 or (route.undo[0] == "DELETE" and undo.status == 404), await undo.read()
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=[f"{r.method} {r.path} {r.content_type}" for r in ROUTES])
 def test_fuzz_route(harness: _Harness, route: Route) -> None:
-    generation = route.path.startswith("/v1/") and route.method == "POST"
+    generation = route.path.startswith(("/v1/", "/inference/")) and route.method == "POST"
     examples = 60 if generation else 20
     seen: Counter[int] = Counter()
 
