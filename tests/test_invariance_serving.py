@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from aiohttp.test_utils import TestServer
 
 from api.client import AsyncClient
@@ -27,12 +25,6 @@ from tests.invariance_harness import MODES, Outcome, Req, make_engine, random_pr
 VOCAB = 384
 WAYS = ("in-process stream", "http stream", "http full")
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads() -> Iterator[None]:
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
 
 
 def _http_view(o: Outcome, tokens: TokenStrings) -> tuple[Any, ...]:
