@@ -168,13 +168,16 @@ def reference_logprobs(logits: torch.Tensor, prompt_ids: list[int], output_ids: 
                        params: SamplingParams) -> dict[str, torch.Tensor]:
     """DESIGN.md's logprob contract written out in float64, position by position, sharing
     no code with asyncengine.logprobs. logits: [N, V] (row i predicts output_ids[i]).
-    Returns "processed", "raw", "log_kept_mass" as float64 [N] and "support" [N, V] bool.
+    Returns float64 [N] "processed", "raw", "log_kept_mass" and "full" (log_softmax(z')[t],
+    what a trainer that applies only penalties and temperature computes), and "support"
+    [N, V] bool.
 
     Where HF's warpers differ from the contract, this follows the contract: top-k keeps
     exactly k (ties at the k-th value go to the lower token ids; HF keeps every tie),
     top-p keeps a token iff the mass ranked before it is < top_p (HF's ascending fp32
     cumsum is the same rule up to rounding), min-p keeps z'_i - max z' >= log(min_p)."""
-    rows = {"processed": [], "raw": [], "log_kept_mass": [], "support": []}
+    rows: dict[str, list[torch.Tensor]] = {"processed": [], "raw": [], "log_kept_mass": [], "full": [],
+                                           "support": []}
     for i, target in enumerate(output_ids):
         z = logits[i].double()  # [V]
         scaled = _penalized(z, set(prompt_ids) | set(output_ids[:i]), output_ids[:i], params)
@@ -184,7 +187,9 @@ def reference_logprobs(logits: torch.Tensor, prompt_ids: list[int], output_ids: 
         lse_kept = torch.logsumexp(scaled[keep], 0)
         rows["processed"].append(scaled[target] - lse_kept if keep[target] else scaled.new_tensor(-math.inf))
         rows["raw"].append(torch.log_softmax(z, 0)[target])
-        rows["log_kept_mass"].append(lse_kept - torch.logsumexp(scaled, 0))
+        lse = torch.logsumexp(scaled, 0)
+        rows["log_kept_mass"].append(lse_kept - lse)
+        rows["full"].append(scaled[target] - lse)
         rows["support"].append(keep)
     return {k: torch.stack(v) if v else torch.empty(0, dtype=torch.float64) for k, v in rows.items()}
 
