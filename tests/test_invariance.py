@@ -44,6 +44,7 @@ def test_needle_alone_vs_among_63(tiny_dirs: dict[str, Path], arch: str, mode: s
     want = run(make_engine(tiny_dirs[arch], **BASE), [needle])["needle"]
     got = run(make_engine(tiny_dirs[arch], **BASE), batch)["needle"]
     assert len(want.token_ids) == 8 and len(want.top_logprobs) == 8
+    assert len(want.raw_logprobs) == len(want.log_kept_mass) == (8 if mode == "penalized" else 0)
     assert got == want
 
 
