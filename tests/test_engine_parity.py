@@ -3,6 +3,12 @@
 The processed reference is built from HF's own logits processors (repetition penalty,
 temperature, top-k, top-p, min-p), not from asyncengine.logprobs, so the two
 implementations check each other. Presence/frequency penalties follow the OpenAI formula.
+Where HF's semantics differ from DESIGN.md's: TopKLogitsWarper keeps every token tied with
+the k-th (the contract keeps exactly k, lower ids first), so each top-k row asserts it has
+no such tie; TopPLogitsWarper sums ascending in fp32 (the contract: the mass ranked before
+a token < top_p, summed in float64), the same set here up to rounding that the 1e-5 check
+would catch. log_kept_mass and the real-model test use the float64 formula
+(asyncengine.parity.reference_logprobs), which follows the contract exactly.
 """
 from __future__ import annotations
 
@@ -51,6 +57,8 @@ def reference_processed(logits: torch.Tensor, prompt: list[int], output: list[in
         if sp.temperature > 0:
             z = TemperatureLogitsWarper(sp.temperature)(seen, z)
         if sp.top_k > 0:
+            kth, after = torch.topk(z[0], sp.top_k + 1).values[-2:]
+            assert kth > after, "a tie at the k-th value: HF's top-k would keep it, the contract would not"
             z = TopKLogitsWarper(sp.top_k)(seen, z)
         if sp.top_p < 1.0:
             z = TopPLogitsWarper(sp.top_p)(seen, z)
