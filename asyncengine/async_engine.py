@@ -300,14 +300,15 @@ class AsyncEngine:
         outs = self.core.step()
         elapsed = time.perf_counter() - t0
         self.num_steps += 1
-        # Stats first: a caller woken by its final output must see them up to date.
+        # Stats and the observer first: a caller woken by its final output must see them
+        # up to date (a /metrics scrape right after a response counts its last step).
         self._stats = self.core.stats()
-        self._deliver(outs)
         if self.step_observer is not None:
             try:
                 self.step_observer(elapsed, sum(len(o.token_ids) for o in outs), len(outs))
             except Exception:  # metrics must never take the engine down
                 log.exception("step observer failed")
+        self._deliver(outs)
 
     def _apply(self, cmd: _Command) -> None:
         try:

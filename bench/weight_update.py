@@ -7,10 +7,15 @@ Prints, for the same new checkpoint (the default weights scaled by 1.001, saved 
      --admin-key / --allowed-weights-dir: POST /update_weights {"path"} and a raw
      safetensors body (application/octet-stream);
   3. generation throughput (AsyncEngine, R requests x L tokens) with an update every N
-     engine steps vs none.
+     engine steps vs none, like for like: the warm-up runs prompts of its own, every
+     timed run starts on an empty prefix cache (so no run reuses the prompt KV of another,
+     and each computes every prompt token), and the order of the runs rotates each round
+     (--rounds); the ratio is each run's median over the no-update median of the same
+     process. It measures what a keep-mode swap every N steps costs the rollout stream
+     (the swap itself, plus the prompt KV it stops the prefix cache from sharing).
 
     python bench/weight_update.py
-    python bench/weight_update.py --every 8 16 --num-requests 16 --output-len 32 --repeats 2
+    python bench/weight_update.py --every 8 16 --num-requests 16 --output-len 32 --repeats 2 --rounds 3
 """
 from __future__ import annotations
 
@@ -112,16 +117,20 @@ def over_http(model_dir: Path, path: Path, repeats: int) -> None:
 
 
 # -- 3. throughput under updates ------------------------------------------------------------
-async def generate_all(eng: AsyncEngine, n: int, length: int) -> int:
+async def generate_all(eng: AsyncEngine, n: int, length: int, first_token: int = 100) -> int:
+    """n requests of 64-token prompts (ids first_token + i ...) x `length` tokens."""
     async def one(i: int) -> int:
         sp = SamplingParams(max_tokens=length, ignore_eos=True, temperature=1.0, seed=i)
-        return sum([len(o.token_ids) async for o in eng.generate(list(range(100 + i, 164 + i)), sp)])
+        prompt = list(range(first_token + i, first_token + 64 + i))
+        return sum([len(o.token_ids) async for o in eng.generate(prompt, sp)])
 
     return sum(await asyncio.gather(*(one(i) for i in range(n))))
 
 
 async def throughput(eng: AsyncEngine, state: dict[str, torch.Tensor], every: int | None, n: int,
-                     length: int) -> None:
+                     length: int) -> float:
+    """One timed run from an empty prefix cache; returns output tokens per second."""
+    await eng.reset_prefix_cache()
     updates = 0
 
     async def updater() -> None:
@@ -142,6 +151,20 @@ async def throughput(eng: AsyncEngine, state: dict[str, torch.Tensor], every: in
     label = f"update every {every} steps" if every else "no updates"
     print(f"  {label:<24} {tokens / secs:7.1f} tok/s   {secs:6.2f} s   {eng.num_steps - steps0} steps   "
           f"{updates} updates", flush=True)
+    return tokens / secs
+
+
+async def throughput_rounds(eng: AsyncEngine, state: dict[str, torch.Tensor], every: list[int], n: int,
+                            length: int, rounds: int) -> None:
+    runs: list[int | None] = [None, *every]
+    rates: dict[int | None, list[float]] = {e: [] for e in runs}
+    for r in range(rounds):
+        for e in runs[r % len(runs):] + runs[: r % len(runs)]:  # each run leads in turn
+            rates[e].append(await throughput(eng, state, e, n, length))
+    base = statistics.median(rates[None])
+    for e in every:
+        print(f"  update every {e} steps: median {statistics.median(rates[e]):7.1f} tok/s = "
+              f"{statistics.median(rates[e]) / base:.3f}x of no updates ({base:.1f} tok/s), {rounds} rounds")
 
 
 async def main() -> None:
@@ -150,6 +173,7 @@ async def main() -> None:
     p.add_argument("--every", type=int, nargs="+", default=[16, 64])
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2, help="timed runs of each setting, in rotating order")
     a = p.parse_args()
     model_dir = resolve_model(None)
     config = EngineConfig(model=str(model_dir))
@@ -165,9 +189,8 @@ async def main() -> None:
     print(f"throughput, {a.num_requests} requests x {a.output_len} tokens (64-token prompts):")
     eng = AsyncEngine.from_config(config)
     try:
-        await generate_all(eng, 4, 4)  # warm-up
-        for every in [None, *a.every]:
-            await throughput(eng, state, every, a.num_requests, a.output_len)
+        await generate_all(eng, 4, 4, first_token=20000)  # warm-up, on prompts no timed run uses
+        await throughput_rounds(eng, state, a.every, a.num_requests, a.output_len, a.rounds)
     finally:
         eng.shutdown()
 

@@ -6,13 +6,22 @@ import os
 # before anything imports triton. It is the one environment switch the tests use.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from tests.tiny_models import make_model_dir  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3")
+
+# In CI (.ci/run sets CI=true) Hypothesis draws the same examples on every run, so a
+# failure there reproduces; elsewhere it explores new ones and prints the seed to rerun.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,3 +39,13 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def llama_dir(tiny_dirs: dict[str, Path]) -> Path:
     return tiny_dirs["llama"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """EngineCore (config.num_threads) and num_threads() set torch's process-wide thread
+    count: give every test the count it started with, so no result depends on which
+    test ran before."""
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)

@@ -2,7 +2,10 @@
 batching schedule and reduce each request to the exact values the contract covers.
 
 An Outcome holds token ids, logprobs (Python floats, compared with ==, i.e. bitwise for
-every finite value and for -inf), top-N alternatives and the finish reason.
+every finite value and for -inf; a NaN never equals itself, so it fails), top-N
+alternatives, the finish reason, and -- for requests that ask for them -- raw logprobs
+and log_kept_mass. The modes cover greedy, seeded top-p sampling, and seeded sampling
+with repetition/presence/frequency penalties, top-k and min-p.
 """
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ class Outcome:
     finish_reason: str | None
     # Raw prompt logprobs and their top-N (when the request asked for prompt_logprobs).
     prompt_logprobs: tuple[object, ...] | None = None
+    # Per token, when the request asked for them (return_raw_logprob / return_log_kept_mass).
+    raw_logprobs: tuple[float, ...] = ()
+    log_kept_mass: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +54,15 @@ def sampled(seed: int, max_tokens: int = MAX_TOKENS) -> SamplingParams:
     return SamplingParams(temperature=0.8, top_p=0.9, seed=seed, max_tokens=max_tokens, logprobs=5, ignore_eos=True)
 
 
-MODES = {"greedy": lambda seed, n=MAX_TOKENS: greedy(n), "sampled": sampled}
+def penalized(seed: int, max_tokens: int = MAX_TOKENS) -> SamplingParams:
+    """Every other part of the contract: penalties (their state grows with the output),
+    top-k, min-p, and the raw logprob and log_kept_mass fields."""
+    return SamplingParams(temperature=1.1, top_k=40, min_p=0.02, repetition_penalty=1.3, presence_penalty=0.4,
+                          frequency_penalty=0.2, seed=seed, max_tokens=max_tokens, logprobs=3, ignore_eos=True,
+                          return_raw_logprob=True, return_log_kept_mass=True)
+
+
+MODES = {"greedy": lambda seed, n=MAX_TOKENS: greedy(n), "sampled": sampled, "penalized": penalized}
 
 
 def make_engine(model_dir: Path | str | None, **options: Any) -> EngineCore:
@@ -61,6 +75,7 @@ def run(engine: EngineCore, reqs: Sequence[Req], max_steps: int = 100_000) -> di
     tokens: dict[str, list[int]] = {r.rid: [] for r in reqs}
     lps: dict[str, list[float]] = {r.rid: [] for r in reqs}
     tops: dict[str, list[tuple[tuple[int, float], ...]]] = {r.rid: [] for r in reqs}
+    extra: dict[str, tuple[list[float], list[float]]] = {r.rid: ([], []) for r in reqs}
     reasons: dict[str, str | None] = {}
     prompt_lps: dict[str, tuple[object, ...]] = {}
     step = 0
@@ -72,6 +87,8 @@ def run(engine: EngineCore, reqs: Sequence[Req], max_steps: int = 100_000) -> di
             tokens[out.request_id].extend(out.token_ids)
             lps[out.request_id].extend(out.logprobs)
             tops[out.request_id].extend(tuple(t) for t in out.top_logprobs or ())
+            extra[out.request_id][0].extend(out.raw_logprobs or ())
+            extra[out.request_id][1].extend(out.log_kept_mass or ())
             if out.finished:
                 reasons[out.request_id] = out.finish_reason
             if out.prompt_logprobs is not None:
@@ -80,7 +97,8 @@ def run(engine: EngineCore, reqs: Sequence[Req], max_steps: int = 100_000) -> di
         step += 1
         assert step < max_steps, "the engine did not finish"
     return {
-        rid: Outcome(tuple(tokens[rid]), tuple(lps[rid]), tuple(tops[rid]), reasons.get(rid), prompt_lps.get(rid))
+        rid: Outcome(tuple(tokens[rid]), tuple(lps[rid]), tuple(tops[rid]), reasons.get(rid), prompt_lps.get(rid),
+                     tuple(extra[rid][0]), tuple(extra[rid][1]))
         for rid in tokens
     }
 

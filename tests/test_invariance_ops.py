@@ -2,9 +2,12 @@
 
 A row's result must not depend on how many other rows share the call, where the row
 sits, or how many threads run it. Each test computes every row alone and inside larger
-batches and compares bitwise; the negative controls show the same check catches the
-raw torch ops that are NOT row-invariant on this machine (MKL small-M sgemm kernels,
-F.silu's vectorized body vs scalar tail).
+batches and compares bitwise. Negative controls show the same check catches a
+batch-dependent op: planted ones (1 ulp whenever a call holds more than one row) fail
+for our own reason on every machine; the measured ones (raw torch ops that were NOT
+row-invariant on the machines we measured: MKL small-M sgemm, oneDNN's packed GEMM at
+K = 1536, F.silu's vectorized body vs scalar tail) skip, saying so, where this
+machine's library happens to be invariant.
 """
 from __future__ import annotations
 
@@ -23,6 +26,13 @@ from kernels.rmsnorm import rms_norm_torch
 # (in, out) of the projections of the tiny test models and of SmolLM2-135M.
 GEMM_SHAPES = [(64, 128), (64, 256), (128, 64), (64, 384), (576, 960), (1536, 576)]
 ROW_COUNTS = list(range(1, 41)) + [63, 64, 65, 127, 128, 129, 200]
+
+
+def library_is_batch_dependent(bad: list[int], what: str) -> None:
+    """A measured control: pass when the library op is batch-dependent here, else skip
+    (another CPU or BLAS build may be invariant; the planted controls still run)."""
+    if not bad:
+        pytest.skip(f"{what} happens to be row-invariant on this machine; nothing to show")
 
 
 def rows_that_differ(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, counts: list[int]) -> list[int]:
@@ -58,8 +68,11 @@ def test_negative_control_unpadded_packed_gemm_is_not_row_invariant(threads: int
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(576, 1536, generator=g), torch.randn(64, 1536, generator=g)
     pw = prepack(w)
+    if pw is None:
+        pytest.skip("oneDNN prepacking is unavailable in this torch build")
     with num_threads(threads):
-        assert rows_that_differ(lambda t: linear(t, w, None, 0, pw), x, list(range(1, 33))) != []
+        bad = rows_that_differ(lambda t: linear(t, w, None, 0, pw), x, list(range(1, 33)))
+    library_is_batch_dependent(bad, "oneDNN's untiled packed GEMM at K = 1536")
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -72,7 +85,22 @@ def test_negative_control_unpadded_gemm_is_not_row_invariant(threads: int) -> No
     with num_threads(threads):
         full = F.linear(x, w)
         bad = [m for m in range(1, 33) if not torch.equal(F.linear(x[:m], w), full[:m])]
-    assert bad
+    library_is_batch_dependent(bad, "the BLAS sgemm behind F.linear")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_negative_control_planted_batch_dependent_gemm(threads: int) -> None:
+    """Planted: the tiled linear() with 1 ulp added whenever a call holds more than one
+    row. The check must see it on any machine."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(960, 576, generator=g), torch.randn(64, 576, generator=g)
+
+    def batch_dependent(t: torch.Tensor) -> torch.Tensor:
+        out = linear(t, w, None, DEFAULT_GEMM_TILE_ROWS, None)
+        return out * (1.0 + 2.0**-23) if t.shape[0] > 1 else out
+
+    with num_threads(threads):
+        assert rows_that_differ(batch_dependent, x, list(range(1, 33))) == list(range(2, 33))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 5])
@@ -91,7 +119,8 @@ def test_negative_control_f_silu_is_not_row_invariant() -> None:
     g = torch.Generator().manual_seed(1000)
     x = torch.randn(300, 2000, generator=g) * 4
     with num_threads(2):
-        assert rows_that_differ(lambda t: silu_mul(t, exact=False), x, list(range(30, 60))) != []
+        bad = rows_that_differ(lambda t: silu_mul(t, exact=False), x, list(range(30, 60)))
+    library_is_batch_dependent(bad, "F.silu")
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -9,11 +9,9 @@ sequence at a time, no prefix cache, ample pool).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -25,12 +23,6 @@ BLOCK = 16
 # Shared-prefix sources: prompts start with up to 64 tokens of one of these.
 PREFIXES = [random_prompt(random.Random(i), 64, VOCAB) for i in range(2)]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads() -> Iterator[None]:
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
 
 
 @st.composite
@@ -79,7 +71,8 @@ def _solo(model_dir: Path, req: Req) -> Outcome:
     return _solo_cache[key]
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                           HealthCheck.function_scoped_fixture])
 @given(data=st.data(), arch=st.sampled_from(["qwen2", "qwen3"]))
 def test_every_request_matches_its_solo_run(tiny_dirs: dict[str, Path], data: st.DataObject, arch: str) -> None:
     reqs = data.draw(request_lists(), label="requests")

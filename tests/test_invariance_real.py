@@ -8,21 +8,13 @@ cache. One intra-op thread keeps it well under a minute on a loaded 2-core machi
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
-import torch
 
 from tests.invariance_harness import Req, greedy, make_engine, random_prompt, run, sampled
 
 pytestmark = pytest.mark.real_model
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads() -> Iterator[None]:
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
 
 
 def test_needles_alone_vs_batched_chunked_and_cached() -> None:

@@ -15,6 +15,7 @@ from api.server import create_app
 from asyncengine.async_engine import AsyncEngine
 from asyncengine.config import EngineConfig
 from asyncengine.models.weights import read_safetensors
+from tests.step_gate import StepGate, all_running
 from tests.tiny_models import make_model_dir
 
 KEY = "s3cret"
@@ -151,20 +152,25 @@ async def test_pause_resume_endpoints(client: TestClient, engine: AsyncEngine) -
 
 
 async def test_sse_chunks_carry_the_version_of_each_token(client: TestClient, engine: AsyncEngine) -> None:
+    """Mid-stream (the pause lands at the step boundary after the first token, held there
+    by a gate, not by timing): pause, swap, resume; the chunks say v0, then v1."""
+    gate = StepGate(engine, all_running(1))
     body = {"prompt": list(range(10, 30)), "max_tokens": 24, "ignore_eos": True, "stream": True,
             "return_weight_versions": True}
-    resp = await client.post("/v1/completions", json=body)
-    versions: list[int] = []
-    updated = False
-    async for line in resp.content:
-        if not line.startswith(b"data: {"):
-            continue
-        versions += orjson.loads(line[6:])["choices"][0].get("weight_versions", [])
-        if versions and not updated:  # mid-stream: pause, swap, resume
-            updated = True
-            await call(client, "POST", "/pause")
-            await call(client, "POST", "/update_weights", {"path": "v1"})
-            await call(client, "POST", "/resume")
+
+    async def stream_versions() -> list[int]:
+        resp = await client.post("/v1/completions", json=body)
+        versions: list[int] = []
+        async for line in resp.content:
+            if line.startswith(b"data: {"):
+                versions += orjson.loads(line[6:])["choices"][0].get("weight_versions", [])
+        return versions
+
+    reading = asyncio.create_task(stream_versions())
+    assert (await (await gate.land(call(client, "POST", "/pause"))))[0] == 200
+    assert (await call(client, "POST", "/update_weights", {"path": "v1"}))[0] == 200
+    await call(client, "POST", "/resume")
+    versions = await reading
     assert len(versions) == 24 and versions == sorted(versions) and versions[0] == 0 and versions[-1] == 1
 
 

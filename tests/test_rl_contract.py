@@ -15,10 +15,11 @@ from asyncengine.config import EngineConfig
 from asyncengine.models.weights import WeightLoadError, read_safetensors
 from asyncengine.outputs import CompletionResult
 from asyncengine.sampling_params import SamplingParams
+from tests.step_gate import StepGate, all_running
 from tests.tiny_models import make_model_dir
 
 PROMPT = list(range(10, 40))
-MAX_TOKENS = 48  # long enough that 16 requests are still running when a command lands
+MAX_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +45,14 @@ async def collect(eng: AsyncEngine, prompt: list[int], sp: SamplingParams, res: 
     return res
 
 
-async def start(eng: AsyncEngine, n: int = 16) -> tuple[list[CompletionResult], list[asyncio.Task[CompletionResult]]]:
-    """n requests in flight, each with at least one token out."""
+async def start(eng: AsyncEngine, n: int = 16) -> tuple[StepGate, list[asyncio.Task[CompletionResult]]]:
+    """n requests in flight; the step thread held at the first boundary where each has
+    at least one token out (and none has finished): the next command lands there."""
+    gate = StepGate(eng, all_running(n))
     results = [CompletionResult(request_id=str(i), prompt_token_ids=PROMPT[: 10 + i]) for i in range(n)]
     tasks = [asyncio.create_task(collect(eng, r.prompt_token_ids, params(i), r)) for i, r in enumerate(results)]
-    for _ in range(2000):
-        if all(r.token_ids for r in results):
-            return results, tasks
-        await asyncio.sleep(0.002)
-    raise AssertionError("requests did not start")
+    await gate.wait()
+    return gate, tasks
 
 
 def assert_versions_split(res: CompletionResult, old: int, new: int) -> None:
@@ -62,8 +62,8 @@ def assert_versions_split(res: CompletionResult, old: int, new: int) -> None:
 
 
 async def test_keep_with_16_in_flight_tags_tokens_v0_then_v1(engine: AsyncEngine, new_dir: Path) -> None:
-    results, tasks = await start(engine)
-    await engine.pause("keep")  # every request now has v0 tokens and more to come
+    gate, tasks = await start(engine)
+    await (await gate.land(engine.pause("keep")))  # every request now has v0 tokens and more to come
     assert await engine.update_weights(new_dir, "keep") == 1 == engine.weight_version
     await engine.resume()
     for r in await asyncio.gather(*tasks):
@@ -72,15 +72,23 @@ async def test_keep_with_16_in_flight_tags_tokens_v0_then_v1(engine: AsyncEngine
 
 
 async def test_keep_without_pause_never_mixes_versions_in_a_step(engine: AsyncEngine, new_dir: Path) -> None:
-    results, tasks = await start(engine)
-    await engine.update_weights(read_safetensors(new_dir), "keep")
+    """Each step's tokens carry one version; every step before the landing boundary v0,
+    every step after it v1, and all 16 requests straddle it."""
+    gate, tasks = await start(engine)
+    assert await (await gate.land(engine.update_weights(read_safetensors(new_dir), "keep"))) == 1
     done = await asyncio.gather(*tasks)
-    assert all(r.finish_reason == "length" and r.weight_versions == sorted(r.weight_versions) for r in done)
+    for r in done:
+        assert r.finish_reason == "length" and len(r.token_ids) == MAX_TOKENS
+        assert_versions_split(r, 0, 1)
+    steps = [v for v in gate.step_versions if v]
+    assert all(len(v) == 1 for v in steps), steps
+    flat = [min(v) for v in steps]
+    assert flat == sorted(flat) and flat[0] == 0 and flat[-1] == 1
 
 
 async def test_abort_returns_16_partial_outputs(engine: AsyncEngine, new_dir: Path) -> None:
-    results, tasks = await start(engine)
-    await engine.update_weights(new_dir, "abort")
+    gate, tasks = await start(engine)
+    await (await gate.land(engine.update_weights(new_dir, "abort")))
     for r in await asyncio.gather(*tasks):
         assert r.finish_reason == "abort" and 0 < len(r.token_ids) < MAX_TOKENS
         assert set(r.weight_versions) == {0}
@@ -88,8 +96,8 @@ async def test_abort_returns_16_partial_outputs(engine: AsyncEngine, new_dir: Pa
 
 
 async def test_recompute_continues_on_new_weights(engine: AsyncEngine, new_dir: Path) -> None:
-    results, tasks = await start(engine)
-    await engine.pause()
+    gate, tasks = await start(engine)
+    await (await gate.land(engine.pause()))
     await engine.update_weights(new_dir, "recompute")
     await engine.resume()
     for r in await asyncio.gather(*tasks):
@@ -136,8 +144,8 @@ async def test_checksums_follow_the_update(engine: AsyncEngine, new_dir: Path) -
 
 
 async def test_pause_keep_loses_nothing_and_queues_new_requests(engine: AsyncEngine) -> None:
-    results, tasks = await start(engine, 4)
-    await engine.pause("keep")
+    gate, tasks = await start(engine, 4)
+    await (await gate.land(engine.pause("keep")))
     await engine.pause("keep")  # idempotent
     assert engine.is_paused()
     late = [asyncio.create_task(collect(engine, PROMPT, params(i, 4), CompletionResult(str(i), PROMPT)))
@@ -153,9 +161,8 @@ async def test_pause_keep_loses_nothing_and_queues_new_requests(engine: AsyncEng
 
 
 async def test_pause_wait_lets_in_flight_finish_and_holds_new_ones(engine: AsyncEngine) -> None:
-    results, tasks = await start(engine, 4)
-    pausing = asyncio.create_task(engine.pause("wait"))
-    await asyncio.sleep(0)
+    gate, tasks = await start(engine, 4)
+    pausing = await gate.land(engine.pause("wait"))
     late = asyncio.create_task(collect(engine, PROMPT, params(0, 4), CompletionResult("late", PROMPT)))
     await pausing
     assert engine.is_paused()
@@ -169,8 +176,8 @@ async def test_pause_wait_lets_in_flight_finish_and_holds_new_ones(engine: Async
 
 
 async def test_pause_abort_finishes_in_flight_with_abort(engine: AsyncEngine) -> None:
-    results, tasks = await start(engine, 6)
-    await engine.pause("abort")
+    gate, tasks = await start(engine, 6)
+    await (await gate.land(engine.pause("abort")))
     assert engine.is_paused()
     done = await asyncio.gather(*tasks)
     assert all(r.finish_reason == "abort" and 0 < len(r.token_ids) < MAX_TOKENS for r in done)
@@ -186,10 +193,8 @@ async def test_shutdown_during_pause_wait_fails_held_requests(llama_dir: Path) -
     from asyncengine.async_engine import EngineDeadError
 
     eng = AsyncEngine.from_config(EngineConfig(model=str(llama_dir), num_kv_blocks=256, num_threads=1))
-    results, tasks = await start(eng, 2)
-    await eng.call(lambda core: None)
-    pausing = asyncio.create_task(eng.pause("wait"))
-    await asyncio.sleep(0)
+    gate, tasks = await start(eng, 2)
+    pausing = await gate.land(eng.pause("wait"))
     late = asyncio.create_task(collect(eng, PROMPT, params(0, 400), CompletionResult("late", PROMPT)))
     await asyncio.sleep(0.01)
     eng.shutdown()

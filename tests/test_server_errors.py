@@ -188,10 +188,37 @@ async def test_info_endpoints(client: TestClient, engine: AsyncEngine) -> None:
     assert chat_tok["tokens"][0] == 1  # <|im_start|>
     info = orjson.loads(await (await client.get("/tokenizer_info")).read())
     assert info["eos_token"] == "<|im_end|>" and info["eos_token_id"] == 2
-    await post(client, C, {"prompt": "hi", "max_tokens": 3})
+    await wait_idle(engine)
+    steps = engine.num_steps  # this app's registry has seen no step yet (the engine was idle)
+    _, hi = await post(client, "/tokenize", {"prompt": "hi"})
+    status, done = await post(client, C, {"prompt": "hi", "max_tokens": 3, "ignore_eos": True})
+    assert status == 200 and done["usage"]["completion_tokens"] == 3
+    await post(client, C, {"prompt": "hi", "max_tokens": "x"})  # a 400, counted as such
+    await wait_idle(engine)
+    await metrics_match(client, engine, hi["count"], engine.num_steps - steps)
+
+
+async def metrics_match(client: TestClient, engine: AsyncEngine, prompt_tokens: int, steps: int) -> None:
+    """The values of this app's /metrics (a fresh registry per app) after one 3-token
+    completion of `prompt_tokens` prompt tokens and one 400 that took `steps` engine
+    steps, on an idle engine."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = (await (await client.get("/metrics")).read()).decode()
-    for name in ('asyncengine_requests_total{endpoint="/v1/completions",status="200"}',
-                 "asyncengine_generation_tokens_total", "asyncengine_step_seconds_count",
-                 "asyncengine_kv_cache_usage_ratio", "asyncengine_prefix_cache_hit_rate",
-                 "asyncengine_num_requests_waiting", "asyncengine_time_to_first_token_seconds_count"):
-        assert name in text
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    def one(name: str, **labels: str) -> float:
+        return got[(f"asyncengine_{name}", tuple(sorted(labels.items())))]
+
+    stats = engine.stats()
+    assert one("requests_total", endpoint=C, status="200") == 1
+    assert one("requests_total", endpoint=C, status="400") == 1
+    assert one("generation_tokens_total") == 3 and one("prompt_tokens_total") == prompt_tokens
+    assert one("time_to_first_token_seconds_count") == 1 and one("e2e_request_latency_seconds_count") == 1
+    assert one("step_seconds_count") == steps > 0
+    assert one("num_requests_running") == 0 and one("num_requests_waiting") == 0
+    assert one("kv_cache_usage_ratio") == stats["kv_usage"] and one("kv_cache_free_blocks") == stats["num_free_blocks"]
+    query, hit = stats["prefix_query_tokens"], stats["prefix_hit_tokens"]
+    assert one("prefix_cache_hit_rate") == (hit / query if query else 0.0) and 0 <= hit <= query
+    assert one("weight_version") == engine.weight_version and one("healthy") == 1

@@ -1,5 +1,8 @@
-"""Sampling kernels. The torch references in kernels/sampling.py are checked bitwise
-against `asyncengine.logprobs` (the logprob contract); the Triton kernels (interpreter)
+"""Sampling kernels. The torch references in kernels/sampling.py are checked against an
+independent float64 implementation of the contract (asyncengine.parity.reference_support
+and a float64 log-softmax: support masks and top-N ids exactly, log-probabilities at 1e-5),
+and bitwise against `asyncengine.logprobs` (they are the sampler's functions, so the CPU
+and kernel paths give the same bits); the Triton kernels (interpreter)
 against those references: log-probabilities at assert_close's fp32 defaults (rtol 1.3e-6,
 atol 1e-5), top-N token ids and support masks exactly (including exact ties, which go
 to the lower token id); and batch invariance, bitwise."""
@@ -13,6 +16,7 @@ import pytest
 import torch
 
 from asyncengine import logprobs as L
+from asyncengine.parity import reference_support
 from asyncengine.sampling_params import SamplingParams
 from kernels.sampling import (
     log_softmax_topn_torch,
@@ -51,6 +55,23 @@ def test_log_softmax_reference_is_the_logprob_contract() -> None:
         for r, top in enumerate(L.top_n(expected, 6)):
             assert out.top_ids[r].tolist() == [t for t, _ in top]
             assert out.top_values[r].tolist() == [v for _, v in top]
+
+
+@pytest.mark.parametrize("vocab", [300, 2500])
+def test_torch_references_match_an_independent_float64_contract(vocab: int) -> None:
+    z = _logits(6, vocab, seed=vocab + 7)
+    ids = torch.arange(6) * 37 % vocab
+    mask = support_mask_torch(z, *_param_tensors(PARAMS))
+    want_mask = torch.stack([reference_support(z[r].double(), *PARAMS[r]) for r in range(6)])
+    assert torch.equal(mask, want_mask)
+    for m in (None, want_mask):
+        x = z.double() if m is None else z.double().masked_fill(~m, float("-inf"))
+        want = torch.log_softmax(x, dim=-1)  # [6, V] float64
+        out = log_softmax_topn_torch(z, ids, 6, m)
+        torch.testing.assert_close(out.logprobs.double(), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.chosen.double(), want[torch.arange(6), ids], atol=1e-5, rtol=0)
+        order = torch.sort(want, dim=-1, descending=True, stable=True).indices[:, :6]  # ties: lower id first
+        assert torch.equal(out.top_ids, order)
 
 
 def test_support_mask_reference_is_the_logprob_contract() -> None:
