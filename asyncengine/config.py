@@ -58,6 +58,10 @@ class EngineConfig:
     seed: int = 0
     # Bound of the waiting queue; past it add_request raises EngineOverloaded.
     max_waiting: int = 4096
+    # UNSAFE, a demonstration of a classic RL bug only (`asyncengine rl-check`): keep the
+    # prefix cache (and its hash salt) across weight updates, so new requests reuse KV
+    # computed by older weights. Breaks the weight-update contract; never for training.
+    unsafe_keep_prefix_cache_across_updates: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
