@@ -1,4 +1,4 @@
-"""Command line: asyncengine {serve, generate, bench, parity}."""
+"""Command line: asyncengine {serve, generate, bench, parity, rl-check}."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel-backend", default=d.kernel_backend, choices=["auto", "cpu", "torch", "triton"])
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--unsafe-keep-prefix-cache-across-updates", action="store_true",
+                   help="UNSAFE demonstration of an RL bug (rl-check): new requests reuse KV of older weights")
 
 
 def config_from_args(a: argparse.Namespace) -> EngineConfig:
@@ -49,6 +51,7 @@ def config_from_args(a: argparse.Namespace) -> EngineConfig:
         kernel_backend=a.kernel_backend,
         num_threads=a.num_threads,
         seed=a.seed,
+        unsafe_keep_prefix_cache_across_updates=a.unsafe_keep_prefix_cache_across_updates,
     )
 
 
@@ -118,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(r)
     _add_optional(r, "asyncengine.parity", "add_parity_args")
     r.set_defaults(func=cmd_parity)
+
+    rl = sub.add_parser("rl-check", help="the RL loop's zero-LR / small-LR controls (asyncengine/rl/check.py)")
+    _add_optional(rl, "asyncengine.rl.check", "add_rl_check_args")
+    rl.set_defaults(func=lambda a: __import__("asyncengine.rl.check", fromlist=["run"]).run_rl_check(a))
     return parser
 
 
