@@ -163,3 +163,22 @@ async def test_concurrent_start_is_refused(served: tuple[AsyncEngine, TestClient
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0 and b'"weight_version":1' in out, err[-2000:]
     assert eng.weight_version == 1
+
+
+def test_staging_partial_and_full_updates(llama_dir: Path, new_dir: Path) -> None:
+    """A partial update keeps the other tensors; a full one replaces all; the live model is untouched."""
+    from asyncengine.engine_core import EngineCore
+    from asyncengine.models.weights import read_safetensors, weight_checksums
+    from asyncengine.rl.staging import stage, swap_in
+
+    core = EngineCore(EngineConfig(model=str(llama_dir), num_kv_blocks=16, num_threads=1))
+    old = weight_checksums(core.model)
+    new_state = read_safetensors(new_dir)
+    shadow = stage(core.model, {"model.norm.weight": new_state["model.norm.weight"]})
+    assert weight_checksums(core.model) == old  # staged aside
+    swap_in(core.model, shadow)
+    now = weight_checksums(core.model)
+    assert [k for k in old if now[k] != old[k]] == ["model.norm.weight"]
+    swap_in(core.model, stage(core.model, new_state))
+    core_new = EngineCore(EngineConfig(model=str(new_dir), num_kv_blocks=16, num_threads=1))
+    assert weight_checksums(core.model) == weight_checksums(core_new.model)

@@ -16,19 +16,19 @@ from asyncengine.models.weights import load_weights, weight_map
 _WEIGHT_ATTRS = ("embed", "layers", "final_norm", "lm_head", "_packed")
 
 
-def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.clone()
+def shadow_of(model: LlamaModel, keep_values: bool = True) -> LlamaModel:
+    """A model sharing everything with `model` but its weights, which are copies (or, with
+    keep_values=False, uninitialized tensors of the same shapes, for a full overwrite)."""
+    def dup(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else (t.clone() if keep_values else torch.empty_like(t))
 
-
-def shadow_of(model: LlamaModel) -> LlamaModel:
-    """A model sharing everything with `model` but its weights, which are copies."""
     shadow = copy.copy(model)  # shallow: args, ops, rope tables are shared (never written)
-    shadow.embed = model.embed.clone()
-    shadow.layers = [LayerWeights(**{f.name: _clone(getattr(layer, f.name)) for f in fields(LayerWeights)})
+    shadow.embed = dup(model.embed)
+    shadow.layers = [LayerWeights(**{f.name: dup(getattr(layer, f.name)) for f in fields(LayerWeights)})
                      for layer in model.layers]
-    shadow.final_norm = model.final_norm.clone()
+    shadow.final_norm = dup(model.final_norm)
     # A tied head in the body's dtype is the embedding tensor itself: keep it that way.
-    shadow.lm_head = shadow.embed if model.lm_head is model.embed else model.lm_head.clone()
+    shadow.lm_head = shadow.embed if model.lm_head is model.embed else dup(model.lm_head)
     shadow._packed = {}
     return shadow
 
@@ -39,8 +39,9 @@ def stage(model: LlamaModel, state: Mapping[str, torch.Tensor]) -> LlamaModel:
     Runs off the engine thread: it reads the live weights (never written in place by
     the engine) and writes only the copies. Raises WeightLoadError (nothing staged).
     """
-    shadow = shadow_of(model)
-    load_weights(shadow, state, partial=True)  # validates every tensor first, then repacks
+    full = weight_map(model).keys() <= state.keys()  # every tensor is overwritten: copy none
+    shadow = shadow_of(model, keep_values=not full)
+    load_weights(shadow, state, partial=not full)  # validates every tensor first, then repacks
     return shadow
 
 
