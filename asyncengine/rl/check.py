@@ -37,6 +37,8 @@ def add_rl_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--learn-steps", type=int, default=0, help="also run a learning run of this many steps")
     p.add_argument("--learn-lr", type=float, default=2e-5)
+    p.add_argument("--learn-only", action="store_true", help="only the learning run (no controls)")
+    p.add_argument("--max-operand", type=int, default=20, help="the additions' operands are 0..this")
     p.add_argument("--plot", default="rl_check.png", help="PNG of the per-step curves ('' for none)")
     p.add_argument("--json", default="", help="write every per-step figure to this JSON file")
     p.add_argument("--workdir", default="", help="server logs (default: a temporary directory)")
@@ -61,13 +63,17 @@ class Control:
 
 def _runs(a: argparse.Namespace) -> dict[str, tuple[tuple[str, ...], list[RunConfig]]]:
     """Server name -> (its flags, the runs against it)."""
-    base = dict(num_prompts=a.num_prompts, group_size=a.group_size, max_tokens=a.max_tokens)
+    base = dict(num_prompts=a.num_prompts, group_size=a.group_size, max_tokens=a.max_tokens,
+                max_operand=a.max_operand)
+    learn = RunConfig("learn", steps=a.learn_steps, lr=a.learn_lr, seed=1, **base)
+    if a.learn_only:
+        return {"fp32-head": ((), [learn])}
     right = [RunConfig("zero-lr", steps=a.steps, **base),
              RunConfig("small-lr-sync", steps=a.lr_steps, lr=a.small_lr, **base),
              RunConfig("small-lr-inflight", steps=a.lr_steps, lr=a.small_lr, inflight=True,
                        **{**base, "max_tokens": 2 * a.max_tokens})]
     if a.learn_steps:
-        right.append(RunConfig("learn", steps=a.learn_steps, lr=a.learn_lr, seed=1, **base))
+        right.append(learn)
     return {"fp32-head": ((), right),
             "bf16-head": (("--lm-head-dtype", "bfloat16"), [RunConfig("zero-lr-bf16-head", steps=a.steps, **base)]),
             "prefix-kept": (("--unsafe-keep-prefix-cache-across-updates",),
@@ -129,10 +135,11 @@ def run_rl_check(a: argparse.Namespace) -> int:
         workdir = Path(a.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         results = asyncio.run(run_all(a, model_dir, workdir))
-    pairs = controls(results)
+    pairs = [] if a.learn_only else controls(results)
     print(f"\nrl-check: model {model_dir.name}, {a.num_prompts} prompts x {a.group_size} samples, "
-          f"{a.max_tokens} tokens, T=0.8 top_p=0.95, zero-LR {a.steps} steps, small LR {a.small_lr:g} "
-          f"x {a.lr_steps} steps")
+          f"{a.max_tokens} tokens, T=0.8 top_p=0.95, operands 0..{a.max_operand}, "
+          + ("learning run only" if a.learn_only else
+             f"zero-LR {a.steps} steps, small LR {a.small_lr:g} x {a.lr_steps} steps"))
     ok = True
     for c, right in pairs:
         line, good = verdict(c, right)

@@ -39,6 +39,7 @@ class RunConfig:
     top_p: float = 0.95
     inflight: bool = False  # keep-mode updates while the step's rollouts run
     seed: int = 0
+    max_operand: int = 20  # the task's additions: operands 0..max_operand
 
 
 @dataclass(slots=True)
@@ -61,7 +62,7 @@ class Loop:
         self.transfer_s: list[float] = []
 
     def batch(self, step: int) -> list[tuple[Rollout, object]]:
-        probs = problems(step, self.cfg.num_prompts, self.cfg.seed)
+        probs = problems(step, self.cfg.num_prompts, self.cfg.seed, self.cfg.max_operand)
         return [(Rollout(self.trainer.chat_prompt(SYSTEM, p.question), i), p)
                 for i, p in enumerate(probs) for _ in range(self.cfg.group_size)]
 

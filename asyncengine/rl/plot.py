@@ -11,8 +11,15 @@ def plot_controls(pairs: list[tuple[Any, Any]], learn: Any | None, path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 3 if learn is not None else 2
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
+    panels = (2 if pairs else 0) + (1 if learn is not None else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    axes = list(axes[0])
+    if not pairs:  # the learning curve alone
+        _plot_learning(axes[0], learn)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     for c, right in pairs:
         steps = [m.step for m in c.steps]
         style = "-" if right is None else "--"
@@ -27,10 +34,15 @@ def plot_controls(pairs: list[tuple[Any, Any]], learn: Any | None, path: Path) -
         ax.set_title(title)
     axes[0].legend(fontsize=6, loc="best")
     if learn is not None:
-        steps = learn.steps["right"]
-        axes[2].plot([m.step for m in steps], [m.mean_reward for m in steps], marker=".")
-        axes[2].set_xlabel("step")
-        axes[2].set_title(f"learning: mean reward (LR {learn.config.lr:g})")
+        _plot_learning(axes[2], learn)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_learning(ax: Any, learn: Any) -> None:
+    steps = learn.steps["right"]
+    ax.plot([m.step for m in steps], [m.mean_reward for m in steps], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.set_title(f"learning: mean reward per step (LR {learn.config.lr:g})")
