@@ -7,6 +7,10 @@
     POST /update_weights                      {"update_info": {names, dtype_names, shapes, packed?}}
     POST /finish_weight_update                {"weight_version"?, "mode"?: keep|recompute|abort}
 
+finish's optional weight_version is the trainer's label for the new weights: it must be
+above the serving version (versions only go up), and the tokens then carry it; without
+it the version goes up by one.
+
 Received tensors stage into a shadow copy of the weights (asyncengine/rl/staging.py);
 nothing the engine serves changes before finish, which swaps them in at a step
 boundary. A failed step (bad body, wrong shapes, the trainer dead or stalled past the
@@ -164,11 +168,12 @@ class WeightTransfer:
         if self._busy.locked():
             raise APIError(409, "update_weights is still receiving; finish after it returns",
                            code="transfer_in_progress")
+        label = body.get("weight_version")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, int)
+                                  or label <= self.engine.weight_version):
+            raise APIError(400, f"weight_version must be an integer above the serving version "
+                                f"{self.engine.weight_version}, got {label!r}", param="weight_version")
         staged, self.staged = self.staged, None
-        want = self.engine.weight_version + 1
-        if body.get("weight_version") not in (None, want):
-            raise APIError(400, f"weight_version goes up by one per update: this one is {want}, not "
-                                f"{body['weight_version']!r}", param="weight_version")
         if not staged:
             raise APIError(400, "no tensors were received since start_weight_update", code="nothing_received")
         t0 = time.perf_counter()
@@ -179,7 +184,14 @@ class WeightTransfer:
             raise APIError(400, f"weight update refused, old weights still serving: {exc}",
                            code="invalid_weights") from exc
         staged_s = time.perf_counter() - t0
-        version = await self.engine.apply_weights(lambda: swap_in(model, shadow), mode)
+        core = self.engine.core
+
+        def write() -> None:  # on the engine thread, at a step boundary
+            swap_in(model, shadow)
+            if label is not None:  # the trainer's label: apply_weights' +1 then lands on it
+                core.weight_version = label - 1
+
+        version = await self.engine.apply_weights(write, mode)
         return _json({"status": "ok", "weight_version": version, "stage_s": staged_s,
                       "pause_s": self.engine.last_apply_s, "total_s": time.perf_counter() - self.started_at})
 

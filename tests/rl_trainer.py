@@ -5,7 +5,7 @@
 Scenarios: ok (send every tensor of WEIGHTS_DIR, finish), die (announce all, broadcast
 half, exit without a word), stall (announce, broadcast nothing, sleep), wrong_shape (send
 a tensor of the wrong shape), hold (start, print "started", wait 2 s, send), raw (plain torch.distributed + urllib, no asyncengine code
-on the sending side: what an outside trainer does). Prints the finish answer as JSON.
+on the sending side: what an outside trainer does; it labels the weights version 7). Prints the finish answer as JSON.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def raw_trainer(url: str, key: str, state: dict[str, torch.Tensor]) -> None:
     for v in state.values():
         dist.broadcast(v.float().contiguous(), src=0)
     t.join()
-    print(orjson.dumps(post("/finish_weight_update", {})).decode())
+    print(orjson.dumps(post("/finish_weight_update", {"weight_version": 7})).decode())  # the trainer's label
 
 
 def main(url: str, key: str, weights: str, scenario: str) -> None:
