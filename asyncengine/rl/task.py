@@ -1,8 +1,7 @@
 """A procedural reward task: small additions, answered with a number.
 
-"What is 3 + 5?" -> reward 1.0 when the first integer of the answer is the sum, 0.1
-for another number (the format), else 0.0. The 135M model gets some of these right from the start and learns to get more
-(and to answer with the number first) under a few dozen GRPO steps.
+"What is 3 + 5?" -> reward 1.0 when the first integer of the answer is the sum, less
+the further off another number is, 0.0 without a number.
 """
 from __future__ import annotations
 
@@ -24,11 +23,13 @@ class Problem:
         return f"What is {self.a} + {self.b}?"
 
     def reward(self, answer: str) -> float:
-        """1 for the right sum as the first number, 0.1 for a wrong number, 0 for none."""
+        """1 for the right sum as the first number, 0.5 / (1 + its error) for a wrong one
+        (a dense signal: nearer is better), 0 for none."""
         m = _INT.search(answer)
         if m is None:
             return 0.0
-        return 1.0 if int(m.group()) == self.a + self.b else 0.1
+        error = abs(int(m.group()) - (self.a + self.b))
+        return 1.0 if error == 0 else 0.5 / (1 + error)
 
 
 def problems(step: int, count: int, seed: int = 0, max_operand: int = 20) -> list[Problem]:
