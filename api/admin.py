@@ -36,6 +36,7 @@ def add_admin_routes(
         return  # disabled: the router answers 404 for all of them
     admin = _Admin(engine, admin_key, allowed_weights_dir, max_weights_bytes)
     admin.transfer = WeightTransfer(engine, transfer_timeout_s)
+    app.on_cleanup.append(admin.transfer.cleanup)  # leave the gloo group when the app stops
     routes = [
         ("POST", "/pause", admin.pause), ("POST", "/resume", admin.resume),
         ("GET", "/is_paused", admin.is_paused), ("POST", "/reset_prefix_cache", admin.reset_prefix_cache),

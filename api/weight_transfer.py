@@ -90,6 +90,13 @@ class WeightTransfer:
             "parallel_config": {"world_size": 1, "tensor_parallel_size": 1, "data_parallel_size": 1},
         }, "weight_version": self.engine.weight_version})
 
+    async def cleanup(self, app: web.Application) -> None:
+        """On app shutdown: leave the group (torch.distributed state is per process, and
+        e.g. transformers' save_pretrained writes nothing on a rank other than 0)."""
+        self.staged = None
+        if not self._busy.locked():
+            self._close_group()
+
     def _close_group(self) -> None:
         if self.group is not None:
             self.group.close()
