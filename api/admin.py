@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 
 from api.protocol import APIError
+from api.weight_transfer import DEFAULT_TIMEOUT_S, WeightTransfer
 
 if TYPE_CHECKING:
     from asyncengine.async_engine import AsyncEngine
@@ -28,18 +29,22 @@ UPDATE_MODES = ("keep", "recompute", "abort")
 
 def add_admin_routes(
     app: web.Application, engine: AsyncEngine, admin_key: str | None, allowed_weights_dir: Path | None,
-    max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
+    max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES, transfer_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Register the admin endpoints on `app` when an admin key is configured."""
     if not admin_key:
         return  # disabled: the router answers 404 for all of them
     admin = _Admin(engine, admin_key, allowed_weights_dir, max_weights_bytes)
+    admin.transfer = WeightTransfer(engine, transfer_timeout_s)
+    app.on_cleanup.append(admin.transfer.cleanup)  # leave the gloo group when the app stops
     routes = [
         ("POST", "/pause", admin.pause), ("POST", "/resume", admin.resume),
         ("GET", "/is_paused", admin.is_paused), ("POST", "/reset_prefix_cache", admin.reset_prefix_cache),
         ("POST", "/update_weights", admin.update_weights), ("GET", "/weight_version", admin.weight_version),
         ("GET", "/weight_checksums", admin.weight_checksums),
     ]
+    # vLLM's weight-transfer protocol (api/weight_transfer.py); /update_weights {"update_info"} is its.
+    routes += admin.transfer.routes()
     for method, path, handler in routes:
         app.router.add_route(method, path, admin.guarded(handler))
 
@@ -55,7 +60,18 @@ def _mode(value: Any, allowed: tuple[str, ...]) -> str:
     return str(mode)
 
 
+def _flag(value: Any, name: str) -> bool:
+    """A boolean from JSON or a query string ("true"/"false"/"1"/"0"); absent is False."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise APIError(400, f"{name} must be true or false, got {value!r}", param=name)
+
+
 class _Admin:
+    transfer: WeightTransfer
+
     def __init__(self, engine: AsyncEngine, key: str, allowed_dir: Path | None, max_weights_bytes: int) -> None:
         self.engine = engine
         self.key = key.encode()
@@ -81,9 +97,13 @@ class _Admin:
             raise APIError(403, "invalid admin key", "permission_error", code="invalid_api_key")
 
     async def pause(self, request: web.Request) -> web.Response:
+        """?mode=keep|abort|wait&clear_cache=true|false (SkyRL's and vLLM's query)."""
         mode = _mode(request.query.get("mode"), PAUSE_MODES)
+        clear = _flag(request.query.get("clear_cache"), "clear_cache")
         await self.engine.pause(mode)  # type: ignore[arg-type]
-        return _json({"is_paused": self.engine.is_paused(), "mode": mode})
+        if clear:  # drop the prefix cache once stepping has stopped (running requests keep their KV)
+            await self.engine.reset_prefix_cache()
+        return _json({"is_paused": self.engine.is_paused(), "mode": mode, "clear_cache": clear})
 
     async def resume(self, request: web.Request) -> web.Response:
         await self.engine.resume()
@@ -93,8 +113,19 @@ class _Admin:
         return _json({"is_paused": self.engine.is_paused()})
 
     async def reset_prefix_cache(self, request: web.Request) -> web.Response:
-        await self.engine.reset_prefix_cache()
-        return _json({"status": "ok"})
+        """No body, or {"reset_running_requests": bool}: true also preempts the running
+        requests, which recompute their KV (so no KV of any age survives)."""
+        raw = await request.read()
+        body = await self._json_body(request, ("reset_running_requests",)) if raw.strip() else {}
+        running = _flag(body.get("reset_running_requests"), "reset_running_requests")
+
+        def reset(core: Any) -> None:
+            if running:
+                core.scheduler.preempt_all()
+            core.reset_prefix_cache()
+
+        await self.engine.call(reset)
+        return _json({"status": "ok", "success": True, "reset_running_requests": running})
 
     async def weight_version(self, request: web.Request) -> web.Response:
         return _json({"weight_version": self.engine.weight_version})
@@ -109,7 +140,9 @@ class _Admin:
             source: Any = await self._read_body(request)
             mode, load_format = request.query.get("mode"), request.query.get("load_format", "hf")
         else:
-            body = await self._json_body(request)
+            body = await self._json_body(request, ("path", "mode", "load_format", "update_info"))
+            if "update_info" in body:  # the weight-transfer protocol's update: tensors over the group
+                return await self.transfer.update(body)
             source = self._weights_path(body.get("path"))
             mode, load_format = body.get("mode"), body.get("load_format", "hf")
         mode = _mode(mode, UPDATE_MODES)
@@ -128,14 +161,14 @@ class _Admin:
         except FileNotFoundError as exc:
             raise APIError(404, str(exc), "not_found_error", "path", code="not_found") from exc
 
-    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+    async def _json_body(self, request: web.Request, known: tuple[str, ...]) -> dict[str, Any]:
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
             raise APIError(400, f"invalid JSON body: {exc}") from exc
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
-        unknown = set(body) - {"path", "mode", "load_format"}
+        unknown = set(body) - set(known)
         if unknown:
             raise APIError(400, f"unknown fields: {sorted(unknown)}", param=sorted(unknown)[0])
         return body

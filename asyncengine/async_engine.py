@@ -68,11 +68,13 @@ class AsyncEngine:
         self.num_rejected: dict[str, int] = {"overloaded": 0, "invalid": 0, "engine_dead": 0}
         self.step_observer = step_observer
         self.num_steps = 0
+        self.last_apply_s = 0.0
         self.handlers: dict[str, Callable[[Any], Any]] = {
             "add": self._add, "abort": self._abort,
             "reset_prefix_cache": lambda _: core.reset_prefix_cache(),
             "pause": self._pause, "resume": lambda _: self._resume(),
             "update_weights": self._update_weights, "call": lambda fn: fn(core),
+            "apply_weights": self._apply_weights,
         }
         self._cond = threading.Condition(threading.RLock())
         self._inbox: list[_Command] = []
@@ -211,6 +213,11 @@ class AsyncEngine:
             raise InvalidRequestError(f"load_format must be 'hf' (HF tensor names), got {load_format!r}", "load_format")
         state = weights if isinstance(weights, Mapping) else await asyncio.to_thread(read_weight_source, weights)
         return int(await self.submit("update_weights", (state, mode)))
+
+    async def apply_weights(self, write: Callable[[], None], mode: UpdateMode = "keep") -> int:
+        """Like update_weights, with the weights put in place by write() at the step
+        boundary (EngineCore.apply_weights; e.g. a swap of weights staged aside)."""
+        return int(await self.submit("apply_weights", (write, mode)))
 
     async def weight_checksums(self) -> dict[str, str]:
         """sha256 per HF tensor name of the weights being served (hashed on the engine thread)."""
@@ -385,6 +392,13 @@ class AsyncEngine:
     def _update_weights(self, payload: tuple[Mapping[str, Any], UpdateMode]) -> int:
         state, mode = payload
         self._deliver(self.core.update_weights(state, mode))
+        return self.core.weight_version
+
+    def _apply_weights(self, payload: tuple[Callable[[], None], UpdateMode]) -> int:
+        write, mode = payload
+        t0 = time.perf_counter()
+        self._deliver(self.core.apply_weights(write, mode))
+        self.last_apply_s = time.perf_counter() - t0  # how long the engine did not step for it
         return self.core.weight_version
 
     def _deliver(self, outs: list[RequestOutput]) -> None:

@@ -1,4 +1,4 @@
-"""Command line: asyncengine {serve, generate, bench, parity}."""
+"""Command line: asyncengine {serve, generate, bench, parity, rl-check}."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-ttl", type=float, default=d.session_ttl_s, help="seconds an idle session lives")
     p.add_argument("--session-kv-fraction", type=float, default=d.session_kv_fraction,
                    help="share of the KV pool whose live-session blocks are evicted last")
+    p.add_argument("--unsafe-keep-prefix-cache-across-updates", action="store_true",
+                   help="UNSAFE demonstration of an RL bug (rl-check): new requests reuse KV of older weights")
 
 
 def config_from_args(a: argparse.Namespace) -> EngineConfig:
@@ -56,6 +58,7 @@ def config_from_args(a: argparse.Namespace) -> EngineConfig:
         session_ttl_s=a.session_ttl,
         session_kv_fraction=a.session_kv_fraction,
         device=a.device,
+        unsafe_keep_prefix_cache_across_updates=a.unsafe_keep_prefix_cache_across_updates,
     )
 
 
@@ -125,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(r)
     _add_optional(r, "asyncengine.parity", "add_parity_args")
     r.set_defaults(func=cmd_parity)
+
+    rl = sub.add_parser("rl-check", help="the RL loop's zero-LR / small-LR controls (asyncengine/rl/check.py)")
+    _add_optional(rl, "asyncengine.rl.check", "add_rl_check_args")
+    rl.set_defaults(func=lambda a: __import__("asyncengine.rl.check", fromlist=["run"]).run_rl_check(a))
     return parser
 
 

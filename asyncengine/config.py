@@ -68,6 +68,10 @@ class EngineConfig:
     # Seconds a request may wait in the queue before it is first scheduled; past it the
     # request fails with a queue timeout (HTTP 503). None: no limit.
     max_queue_seconds: float | None = None
+    # UNSAFE, a demonstration of a classic RL bug only (`asyncengine rl-check`): keep the
+    # prefix cache (and its hash salt) across weight updates, so new requests reuse KV
+    # computed by older weights. Breaks the weight-update contract; never for training.
+    unsafe_keep_prefix_cache_across_updates: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

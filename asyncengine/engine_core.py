@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -283,12 +283,18 @@ class EngineCore:
         """
         from asyncengine.models.weights import load_weights
 
+        return self.apply_weights(lambda: load_weights(self.model, state, partial=partial), mode)
+
+    def apply_weights(self, write: Callable[[], None], mode: UpdateMode = "keep") -> list[RequestOutput]:
+        """update_weights with the writing done by `write()` (it raises to refuse, changing
+        nothing): e.g. a swap of weights staged aside (asyncengine/rl/staging.py)."""
         if mode not in ("keep", "recompute", "abort"):
             raise InvalidRequestError(f"mode must be keep, recompute or abort, got {mode!r}", "mode")
-        load_weights(self.model, state, partial=partial)
+        write()
         self.weight_version += 1
-        self.scheduler.weight_version = self.weight_version
-        self.reset_prefix_cache()
+        if not self.config.unsafe_keep_prefix_cache_across_updates:
+            self.scheduler.weight_version = self.weight_version  # the prefix-hash salt
+            self.reset_prefix_cache()
         if mode == "abort":
             return self.abort(list(self.requests))
         if mode == "recompute":

@@ -22,7 +22,9 @@ KEY = "s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SMALL_BODY = 64 * 2**10  # the app's JSON limit; a tiny checkpoint (~390 KB) is larger
 ADMIN_ROUTES = [("POST", "/pause"), ("POST", "/resume"), ("GET", "/is_paused"), ("POST", "/reset_prefix_cache"),
-                ("POST", "/update_weights"), ("GET", "/weight_version"), ("GET", "/weight_checksums")]
+                ("POST", "/update_weights"), ("GET", "/weight_version"), ("GET", "/weight_checksums"),
+                ("GET", "/get_world_size"), ("GET", "/server_info"), ("POST", "/init_weight_transfer_engine"),
+                ("POST", "/start_weight_update"), ("POST", "/finish_weight_update")]
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +149,37 @@ async def test_pause_resume_endpoints(client: TestClient, engine: AsyncEngine) -
     assert (await call(client, "POST", "/pause?mode=wait"))[1]["is_paused"] is True
     assert (await call(client, "POST", "/pause?mode=abort"))[0] == 200
     assert (await call(client, "POST", "/pause?mode=later"))[0] == 400
-    assert (await call(client, "POST", "/reset_prefix_cache")) == (200, {"status": "ok"})
+    assert (await call(client, "POST", "/reset_prefix_cache")) == (
+        200, {"status": "ok", "success": True, "reset_running_requests": False})
     await call(client, "POST", "/resume")
+
+
+async def test_pause_clear_cache_and_reset_running_requests(client: TestClient, engine: AsyncEngine) -> None:
+    """SkyRL's /pause?mode=keep&clear_cache=true and /reset_prefix_cache {"reset_running_requests"}."""
+    prompt = list(range(40, 80))
+    warm = {"prompt": prompt, "max_tokens": 1}
+    assert (await call(client, "POST", "/v1/completions", warm, {}))[0] == 200  # its blocks are now cached
+    status, body = await call(client, "POST", "/pause?mode=keep&clear_cache=true")
+    assert status == 200 and body == {"is_paused": True, "mode": "keep", "clear_cache": True}
+    await call(client, "POST", "/resume")
+    hit = engine.stats()["prefix_hit_tokens"]
+    assert (await call(client, "POST", "/v1/completions", warm, {}))[0] == 200
+    assert engine.stats()["prefix_hit_tokens"] == hit  # cleared: nothing reused
+    assert (await call(client, "POST", "/pause?clear_cache=maybe"))[0] == 400
+    # A request in flight: reset_running_requests preempts it (it recomputes, and still finishes).
+    body = {"prompt": prompt, "max_tokens": 40, "ignore_eos": True}
+    pending = asyncio.create_task(call(client, "POST", "/v1/completions", body, {}))
+    while engine.stats()["num_running"] == 0:
+        await asyncio.sleep(0.005)
+    preempted = engine.stats()["num_preemptions"]
+    status, out = await call(client, "POST", "/reset_prefix_cache", {"reset_running_requests": True})
+    assert (status, out["success"], out["reset_running_requests"]) == (200, True, True)
+    status, done = await pending
+    assert status == 200 and done["choices"][0]["finish_reason"] == "length"
+    assert engine.stats()["num_preemptions"] == preempted + 1
+    for bad in ({"reset_running_requests": "yes"}, {"other": 1}, [1]):
+        assert (await call(client, "POST", "/reset_prefix_cache", bad))[0] == 400, bad
+    assert engine.stats()["num_free_blocks"] == engine.stats()["num_total_blocks"]
 
 
 async def test_sse_chunks_carry_the_version_of_each_token(client: TestClient, engine: AsyncEngine) -> None:
