@@ -30,12 +30,15 @@ UPDATE_MODES = ("keep", "recompute", "abort")
 def add_admin_routes(
     app: web.Application, engine: AsyncEngine, admin_key: str | None, allowed_weights_dir: Path | None,
     max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES, transfer_timeout_s: float = DEFAULT_TIMEOUT_S,
+    transfer: Any | None = None,
 ) -> None:
-    """Register the admin endpoints on `app` when an admin key is configured."""
+    """Register the admin endpoints on `app` when an admin key is configured. `transfer`
+    serves the weight-transfer protocol (default: WeightTransfer on this engine; the replica
+    front passes its fan-out, asyncengine/distributed/transfer.py)."""
     if not admin_key:
         return  # disabled: the router answers 404 for all of them
     admin = _Admin(engine, admin_key, allowed_weights_dir, max_weights_bytes)
-    admin.transfer = WeightTransfer(engine, transfer_timeout_s)
+    admin.transfer = transfer if transfer is not None else WeightTransfer(engine, transfer_timeout_s)
     app.on_cleanup.append(admin.transfer.cleanup)  # leave the gloo group when the app stops
     routes = [
         ("POST", "/pause", admin.pause), ("POST", "/resume", admin.resume),

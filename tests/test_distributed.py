@@ -102,6 +102,37 @@ async def test_weight_update_fans_out_in_lockstep(front: tuple[Front, TestClient
     assert (await client.post("/pause", headers={"Authorization": "Bearer wrong"})).status == 403
 
 
+async def test_weight_transfer_spans_every_replica(front: tuple[Front, TestClient], llama_dir: Path,
+                                                   tmp_path: Path) -> None:
+    """A real trainer process (rank 0, WeightSender) sees 2 engine ranks; one broadcast
+    reaches both replicas, whose versions and weights stay in lockstep."""
+    import os
+    import sys
+
+    from safetensors.torch import save_file
+
+    fr, client = front
+    resp = await client.get("/get_world_size", headers=AUTH)
+    assert (await resp.json())["world_size"] == 2
+    hf = load_hf(llama_dir)
+    state = {k: (v * 0.97).contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    before = await fr.group.call_all("weight_version")
+    root = Path(__file__).resolve().parents[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.rl_trainer", str(client.make_url("")).rstrip("/"), KEY,
+        str(tmp_path / "w.safetensors"), "ok", cwd=str(root), env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 240)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    version = orjson.loads(out.decode().strip().splitlines()[-1])["weight_version"]
+    assert await fr.group.call_all("weight_version") == [version, version] and version == before[0] + 1
+    sums = await fr.group.call_all("weight_checksums")
+    assert sums[0] == sums[1], "both replicas received the same tensors"
+    status, body, _ = await _complete(client, {"prompt": "Hello world"})
+    assert status == 200, body
+
+
 async def _wait_until_whole(client: TestClient) -> None:
     for _ in range(240):  # a replacement loads in the background
         if (await (await client.get("/health")).json())["status"] == "ok":

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 # Hop-by-hop and length headers are the proxy's own business on each side.
 _DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
 _ADMIN_PATHS = {"/pause", "/resume", "/is_paused", "/reset_prefix_cache", "/update_weights",
-                "/weight_version", "/weight_checksums"}
+                "/weight_version", "/weight_checksums", "/get_world_size", "/server_info",
+                "/init_weight_transfer_engine", "/start_weight_update", "/finish_weight_update"}
 
 
 class _Unreachable(Exception):
@@ -111,11 +112,19 @@ class Front:
         app = web.Application(client_max_size=1024**3, middlewares=[_error_middleware(self.http_metrics)])
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
-        add_admin_routes(app, GroupEngine(self.group), self.admin_key, self.allowed_weights_dir)  # type: ignore[arg-type]
+        from asyncengine.distributed.transfer import FrontTransfer
+
+        transfer = FrontTransfer(self.group, self._session)
+        add_admin_routes(app, GroupEngine(self.group), self.admin_key, self.allowed_weights_dir,  # type: ignore[arg-type]
+                         transfer=transfer)
         app.router.add_route("*", "/{tail:.*}", self.proxy)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
         return app
+
+    def _session(self) -> aiohttp.ClientSession:
+        assert self._http is not None, "the front's app is not started"
+        return self._http
 
     async def _open(self, _: web.Application) -> None:
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))

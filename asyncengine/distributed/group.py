@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,9 +68,14 @@ class ReplicaGroup:
     # Called with a replica's index when it leaves (failure) and when it (re)joins.
     on_down: Callable[[int], None] | None = None
     on_up: Callable[[int], None] | None = None
+    # Each replica's admin endpoints take this key (the front's weight-transfer fan-out).
+    admin_key: str = field(default_factory=lambda: secrets.token_hex(16))
     _pg: Any = None
-    _weights_ref: Any = None  # the latest update's tensors in the object store
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _weights_ref: Any = None  # the latest update's tensors in the object store (None: initial)
+    # The weights came over a transfer group, not the object store: a replacement copies
+    # them from a live replica.
+    _weights_elsewhere: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     async def start(cls, config: EngineConfig, options: GroupOptions, served_model_names: list[str] | None = None,
@@ -93,7 +99,7 @@ class ReplicaGroup:
         actor = ray.remote(EngineReplica).options(
             num_cpus=self.options.num_cpus_per_replica, num_gpus=self.options.num_gpus_per_replica,
             scheduling_strategy=strategy, max_restarts=0, max_concurrency=1000,
-        ).remote(self.config, self.served_model_names, self.app_options)
+        ).remote(self.config, self.served_model_names, self.app_options, admin_key=self.admin_key)
         url = await asyncio.wait_for(actor.start.remote(), self.options.start_timeout_s)
         return Replica(index, actor, url)
 
@@ -127,7 +133,7 @@ class ReplicaGroup:
         raised and nothing changed anywhere (loads validate before writing)."""
         import ray
 
-        async with self._lock:
+        async with self.lock:
             ref = ray.put(pack_state(state))
             live = self.up_replicas()
             await self.pause("keep")
@@ -140,11 +146,17 @@ class ReplicaGroup:
             if len(errors) == len(live):
                 raise _cause(errors[0])
             self.weight_version += 1
-            self._weights_ref = ref
+            self._weights_ref, self._weights_elsewhere = ref, False
             for r, res in zip(live, results):
                 if isinstance(res, BaseException) or res != self.weight_version:
                     self.mark_failed(r.index, f"update_weights gave {res!r}")
             return self.weight_version
+
+    def transferred(self, version: int) -> None:
+        """Weights arrived over a transfer group (the front's fan-out, under `lock`):
+        record the version the replicas now serve."""
+        self.weight_version = version
+        self._weights_ref, self._weights_elsewhere = None, True
 
     # -- membership ---------------------------------------------------------------
     def mark_failed(self, index: int, reason: str) -> None:
@@ -167,8 +179,15 @@ class ReplicaGroup:
         except Exception:  # already dead
             pass
         new = await self._spawn(index)
-        async with self._lock:  # no update may land between the sync and joining
-            await new.actor.sync_weights.remote(self._weights_ref, self.weight_version)
+        async with self.lock:  # no update may land between the sync and joining
+            ref = self._weights_ref
+            if self._weights_elsewhere:
+                donors = self.up_replicas()
+                if not donors:
+                    await _quiet(new.actor.stop.remote())
+                    raise ReplicaFailedError("no live replica holds the current weights to copy")
+                ref = donors[0].actor.export_weights.remote()
+            await new.actor.sync_weights.remote(ref, self.weight_version)
             self.replicas[index] = new
         if self.on_up is not None:
             self.on_up(index)

@@ -52,8 +52,12 @@ class EngineReplica:
     """An AsyncEngine serving HTTP on `host` (a free port), plus control methods."""
 
     def __init__(self, config: EngineConfig, served_model_names: list[str] | None = None,
-                 app_options: dict[str, Any] | None = None, host: str = "127.0.0.1") -> None:
+                 app_options: dict[str, Any] | None = None, host: str = "127.0.0.1",
+                 admin_key: str | None = None) -> None:
         self.config = config
+        # The group's own key for this replica's admin endpoints (the weight-transfer
+        # protocol reaches each replica over HTTP; the front holds the key).
+        self.admin_key = admin_key
         self.names = served_model_names
         self.app_options = dict(app_options or {})
         self.host = host
@@ -75,6 +79,10 @@ class EngineReplica:
             from api.limits import LIMITS_KEY
 
             app[LIMITS_KEY] = limits
+        if self.admin_key:
+            from api.admin import add_admin_routes
+
+            add_admin_routes(app, self.engine, self.admin_key, None)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, 0)
@@ -113,6 +121,15 @@ class EngineReplica:
     async def update_weights(self, packed: Mapping[str, PackedTensor], mode: str = "keep") -> int:
         """Swap in weights (Ray resolves the reference to the shared arrays first)."""
         return await self._engine().update_weights(unpack_state(packed), mode)  # type: ignore[arg-type]
+
+    async def export_weights(self) -> dict[str, PackedTensor]:
+        """A copy of the weights being served, HF-named (for a replacement to join with)."""
+        from asyncengine.models.weights import export_state
+
+        def copy(core: Any) -> dict[str, PackedTensor]:
+            return pack_state({k: v.clone() for k, v in export_state(core.model).items()})
+
+        return await self._engine().call(copy)
 
     async def sync_weights(self, packed: Mapping[str, PackedTensor] | None, version: int) -> int:
         """Join a group: take its weights (None: the initial ones) and its version number,

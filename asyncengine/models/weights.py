@@ -117,13 +117,19 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def export_state(model: LlamaModel) -> dict[str, torch.Tensor]:
+    """Each HF-named tensor as the model holds it (its own dtype; views, not copies): what
+    load_weights takes back to give another engine the same bits."""
+    return {name: t.tensor if t.rows is None else t.tensor[t.rows]
+            for name, (t, *_) in weight_map(model).items()}
+
+
 def weight_checksums(model: LlamaModel) -> dict[str, str]:
     """sha256 of each HF-named tensor as the model holds it (its own dtype, row-major)."""
     out = {}
-    for name, targets in weight_map(model).items():
-        t = targets[0]
-        view = (t.tensor if t.rows is None else t.tensor[t.rows]).contiguous().cpu()  # host bytes
-        out[name] = hashlib.sha256(view.view(torch.uint8).numpy().tobytes()).hexdigest()
+    for name, view in export_state(model).items():
+        host = view.contiguous().cpu()  # host bytes
+        out[name] = hashlib.sha256(host.view(torch.uint8).numpy().tobytes()).hexdigest()
     return out
 
 
