@@ -19,9 +19,10 @@ from asyncengine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
-# Half of what is free: the rest is left to the activations, the prefix of other
-# processes on a shared host, and the page cache.
-KV_MEMORY_FRACTION = 0.5
+# A quarter of what is free: the rest is left to the activations, to other processes on a
+# shared host (a second engine started later sizes itself from what this one left), and
+# to the page cache. The pool is zeroed at start, so all of it is resident at once.
+KV_MEMORY_FRACTION = 0.25
 _CGROUP = Path("/sys/fs/cgroup")
 
 
