@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+# Imported from a script in bench/, bench/ leads sys.path and bench/kernels.py would shadow `kernels`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import attention_cpu  # noqa: E402

@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from asyncengine.llm import LLM  # noqa: E402
-from bench.sol import Machine, ModelCost, measure_machine, peak_rss_bytes, reset_peak_rss, sol_seconds  # noqa: E402
 from asyncengine.model_files import resolve_model  # noqa: E402
 from asyncengine.sampling_params import SamplingParams  # noqa: E402
+from bench.sol import Machine, ModelCost, measure_machine, peak_rss_bytes, reset_peak_rss, sol_seconds  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
