@@ -17,7 +17,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-head-dtype", default=d.lm_head_dtype, choices=["float32", "bfloat16"])
     p.add_argument("--block-size", type=int, default=d.block_size)
     p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb,
+                   help="KV pool budget (default: sized from the memory available at start-up)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     p.add_argument("--max-model-len", type=int, default=None)

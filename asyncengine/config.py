@@ -27,8 +27,9 @@ class EngineConfig:
     block_size: int = 16
     # Number of KV blocks in the pool; None derives it from kv_cache_memory_gb.
     num_kv_blocks: int | None = None
-    # Memory budget for the KV pool when num_kv_blocks is None.
-    kv_cache_memory_gb: float = 2.0
+    # Memory budget for the KV pool when num_kv_blocks is None; None sizes the pool from
+    # the memory available at start-up (asyncengine/kv_budget.py).
+    kv_cache_memory_gb: float | None = None
     # Most requests scheduled in one step.
     max_num_seqs: int = 64
     # Most tokens (prompt chunks + decodes) computed in one step.
@@ -82,7 +83,7 @@ class EngineConfig:
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ConfigError("num_kv_blocks must be at least 2")
-        if self.kv_cache_memory_gb <= 0:
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ConfigError("kv_cache_memory_gb must be positive")
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be at least 1")

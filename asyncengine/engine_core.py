@@ -10,6 +10,7 @@ from typing import Any, Literal
 from asyncengine.block_pool import BlockPool
 from asyncengine.config import EngineConfig, ModelInfo
 from asyncengine.detokenizer import IncrementalDetokenizer
+from asyncengine.kv_budget import kv_pool_blocks
 from asyncengine.kv_cache_manager import KVCacheManager
 from asyncengine.model_files import resolve_model
 from asyncengine.model_runner import ModelRunner, load_model
@@ -58,7 +59,7 @@ class EngineCore:
             eos_token_ids=_eos_ids(self.model_dir, hf_config, self.tokenizer),
         )
         per_block = ModelRunner.kv_bytes_per_block(args, config.block_size, config.dtype)
-        num_blocks = config.num_kv_blocks or max(2, int(config.kv_cache_memory_gb * 2**30 // per_block))
+        num_blocks = kv_pool_blocks(config, per_block, max_len)
         cap = int(config.session_kv_fraction * num_blocks)  # live sessions' blocks evicted last, up to this
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching, cap)
         self.kv = KVCacheManager(self.pool, config.block_size)

@@ -7,13 +7,16 @@ cache). Rows: 64 (a decode step of 64 sequences) and 512 (a prefill chunk). Prin
 ms per step and GFLOP/s of each, and the ratio ours / torch, alternating the two a few
 rounds (this machine's speed drifts from second to second; compare within a round).
 
---dtype bfloat16 (CPUs with AMX-BF16): the 30 layers in bf16 (212 MB; the engine keeps
-the head in fp32), our AMX tile GEMM vs what the engine runs without it: oneDNN on its
-prepacked weight in deterministic mode's 64-row tiles.
+--dtype bfloat16 (CPUs with AMX-BF16 or AVX512-BF16): the 30 layers in bf16 (212 MB; the
+engine keeps the head in fp32), our bf16 GEMM vs what the engine runs without it: oneDNN
+on its prepacked weight in deterministic mode's 64-row tiles. --bf16-kernel picks ours:
+amx (tile unit) or avx512 (VDPBF16PS, what CPUs without AMX run; on an AMX CPU this
+forces it); default: the one the engine picks here.
 
     python bench/gemm.py                 # fp32, rows 64 and 512, 3 rounds
     python bench/gemm.py --rows 1,64 --rounds 5
     python bench/gemm.py --dtype bfloat16 --rows 32,64,512
+    python bench/gemm.py --dtype bfloat16 --bf16-kernel avx512 --rounds 5
 """
 from __future__ import annotations
 
@@ -50,12 +53,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="steps timed per measurement")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--bf16-kernel", choices=("amx", "avx512"), default=None)
     a = ap.parse_args()
     if not attention_cpu.available():
         raise SystemExit("the compiled CPU ops are not available (no C++ compiler?)")
     bf16 = a.dtype == "bfloat16"
-    if bf16 and not torch.ops.asyncengine_cpu.amx_available():
-        raise SystemExit("this CPU has no AMX-BF16: bf16 GEMMs run oneDNN, nothing to compare")
+    kernel = a.bf16_kernel or attention_cpu.bf16_gemm_kernel()
+    have = {"amx": torch.ops.asyncengine_cpu.amx_available(), "avx512": torch.ops.asyncengine_cpu.avx512_bf16_available()}
+    if bf16 and not have.get(kernel or "", False):
+        raise SystemExit(f"this CPU has no {kernel or 'AMX-BF16 nor AVX512-BF16'}: bf16 GEMMs run oneDNN, nothing to compare")
+    bf16_op = torch.ops.asyncengine_cpu.packed_linear_bf16 if kernel == "amx" else torch.ops.asyncengine_cpu.packed_linear_bf16_avx512
     dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(0)
     shapes = [s for _ in range(NUM_LAYERS) for s in LAYER_SHAPES] + ([] if bf16 else [HEAD_SHAPE])
@@ -63,15 +70,18 @@ def main() -> None:
     packed = [attention_cpu.pack_linear_weight(w) for w in weights]
     library = [prepack(w) for w in weights] if bf16 else weights
     name = f"oneDNN x{DEFAULT_GEMM_TILE_ROWS} rows" if bf16 else "torch.mm"
-    print(f"threads {torch.get_num_threads()}; {sum(w.numel() * w.element_size() for w in weights) / 1e6:.0f} MB "
-          f"of {a.dtype} weights")
+    mb = sum(w.numel() * w.element_size() for w in weights) / 1e6
+    print(f"threads {torch.get_num_threads()}; ours: {kernel if bf16 else 'fp32 FMA'}; {mb:.0f} MB of {a.dtype} weights")
     for m in (int(r) for r in a.rows.split(",")):
         xs = {k: torch.randn(m, k).to(dtype) for k in {k for _, k in shapes}}  # [M, K]
         gflop = 2 * m * sum(n * k for n, k in shapes) / 1e9
 
         def ours() -> None:
             for (n, k), p in zip(shapes, packed):
-                attention_cpu.packed_linear_cpu(xs[k], p, None, n)
+                if bf16:
+                    bf16_op(xs[k], p, None, n)
+                else:
+                    attention_cpu.packed_linear_cpu(xs[k], p, None, n)
 
         def lib() -> None:
             for (_, k), w, p in zip(shapes, weights, library):
@@ -81,7 +91,10 @@ def main() -> None:
                     torch.mm(xs[k], w.t())
 
         for r in range(a.rounds):
-            t_ours, t_lib = _step_ms(ours, a.repeats), _step_ms(lib, a.repeats)
+            if r % 2 == 0:  # the side that runs first alternates each round
+                t_ours, t_lib = _step_ms(ours, a.repeats), _step_ms(lib, a.repeats)
+            else:
+                t_lib, t_ours = _step_ms(lib, a.repeats), _step_ms(ours, a.repeats)
             print(f"rows {m:4d} round {r}: ours {t_ours:7.1f} ms ({gflop / t_ours * 1e3:6.1f} GFLOP/s) | "
                   f"{name} {t_lib:7.1f} ms ({gflop / t_lib * 1e3:6.1f} GFLOP/s) | "
                   f"ours/library time {t_ours / t_lib:.2f}", flush=True)

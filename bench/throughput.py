@@ -1,21 +1,25 @@
-"""Throughput on the default model vs HF transformers `generate`, in the same run.
+"""Throughput on the default model vs HF transformers `generate` and the machine's speed of light.
 
 Two workloads (greedy, ignore_eos, so every request makes exactly its new tokens):
   prefill-heavy: 64 prompts of 32-512 tokens, 128 new tokens each
   decode-heavy:  64 prompts of ~16 tokens, 512 new tokens each
 For each workload and dtype it prints our generated tokens/s, HF `generate` tokens/s on
-the same prompts (padded batches of 16, as users run it), the ratio, and the fraction
-of the compute roofline: a 2048^3 matmul's GFLOP/s measured in this run (the mean of one
-right before and one right after our run), divided into the workload's
-2 x parameters x (prompt + generated tokens) FLOPs.
+the same prompts (padded batches of 16, as users run it), the ratio, each side's fraction
+of the workload's speed of light (bench/sol.py: the machine's FMA peak and streaming read
+bandwidth measured by compiled probes at the start of this run, FLOPs and bytes counted
+exactly per step), and the process's peak RSS while each side ran.
+
+Like for like: both sides are warmed up (one short generate call on the first prompts)
+before the timed call, the HF model is loaded untimed and dropped after its run (so our
+peak RSS does not include it), and the side that runs first alternates each round.
 
     python bench/throughput.py                     # both workloads, fp32 and bf16 (long)
     python bench/throughput.py --dtypes float32 --workloads prefill --scale 0.25
-    python bench/throughput.py --workloads decode --rounds 3   # ours and HF alternate
+    python bench/throughput.py --workloads decode --rounds 3   # medians over 3 rounds
 
 This machine's speed drifts by tens of percent within minutes, so one run's ratio says
 as much about when each side ran as about the code; --rounds N alternates ours and HF N
-times and ends with the median of the rounds' ratios.
+times and ends with the medians of the rounds' figures.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 # Run as a script, bench/ leads sys.path and bench/kernels.py would shadow `kernels`.
@@ -34,6 +40,7 @@ import torch  # noqa: E402
 from asyncengine.llm import LLM  # noqa: E402
 from asyncengine.model_files import resolve_model  # noqa: E402
 from asyncengine.sampling_params import SamplingParams  # noqa: E402
+from bench.sol import Machine, ModelCost, measure_machine, peak_rss_bytes, reset_peak_rss, sol_seconds  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -51,44 +58,112 @@ def workloads(scale: float, vocab: int, seed: int = 0) -> dict[str, tuple[list[l
     }
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    t = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(a, b)
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+class Clock:
+    """Wall and process CPU seconds of a `with` block (CPU: every thread of the process)."""
+
+    wall: float
+    cpu: float
+
+    def __enter__(self) -> Clock:
+        self._t, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self._t, time.process_time() - self._c
 
 
-def run_ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+def run_ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> Clock:
     sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], sp.with_options(max_tokens=4), use_tqdm=False)  # warm-up
     # Nothing measured may hit blocks cached by the warm-up or an earlier round: every
     # prompt is computed, as HF computes it.
     llm.engine.reset_prefix_cache()
-    t = time.perf_counter()
-    results = llm.generate(prompts, sp, use_tqdm=False)
-    dt = time.perf_counter() - t
+    with Clock() as clock:
+        results = llm.generate(prompts, sp, use_tqdm=False)
     assert all(len(r.token_ids) == new_tokens for r in results)
-    return len(prompts) * new_tokens / dt
+    return clock
 
 
-def run_hf(model_dir: Path, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int, batch: int = 16) -> float:
+def run_hf(model_dir: Path, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int, batch: int = 16) -> Clock:
+    """HF `generate` tokens/s: loaded untimed, warmed up like ours (its first batch, 4 new
+    tokens), then timed over padded batches of `batch`; the model is dropped on return."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
     pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
-    t = time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
+
+    def generate(chunk: list[list[int]], new: int) -> None:
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                  do_sample=False, pad_token_id=pad)
-        assert out.shape[1] == width + new_tokens
-    return len(prompts) * new_tokens / (time.perf_counter() - t)
+        assert out.shape[1] == width + new
+
+    generate(prompts[:batch], 4)  # warm-up, as run_ours does
+    with Clock() as clock:
+        for i in range(0, len(prompts), batch):
+            generate(prompts[i : i + batch], new_tokens)
+    return clock
+
+
+@dataclass(frozen=True, slots=True)
+class Side:
+    tok_s: float  # generated tokens per wall second
+    cpu_tok_s: float  # generated tokens per second of the process's CPU time / threads
+    peak_rss: int  # bytes, the process's peak while this side ran
+
+
+def timed_side(run: Callable[[], Clock], tokens: int) -> Side:
+    reset_peak_rss()
+    clock = run()
+    return Side(tokens / clock.wall, tokens * torch.get_num_threads() / clock.cpu, peak_rss_bytes())
+
+
+def measure_round(a: argparse.Namespace, r: int, llm: LLM, model_dir: Path, dtype_name: str,
+                  prompts: list[list[int]], new: int) -> tuple[Side, Side | None]:
+    """One round, ours and HF (unless --skip-hf); the side that runs first alternates."""
+    sides: dict[str, Side] = {}
+    order = ["ours", "hf"] if r % 2 == 0 else ["hf", "ours"]
+    for side in order:
+        if side == "ours":
+            sides[side] = timed_side(lambda: run_ours(llm, prompts, new), len(prompts) * new)
+        elif not a.skip_hf:
+            sides[side] = timed_side(lambda: run_hf(model_dir, DTYPES[dtype_name], prompts, new), len(prompts) * new)
+    return sides["ours"], sides.get("hf")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def report(name: str, n: int, new: int, sol_s: float, rounds: list[tuple[Side, Side | None]]) -> None:
+    """Per round: tokens/s, % of the speed of light (over wall time, and over the process's
+    CPU time per thread: what the rate would be holding the cores alone), peak RSS; then
+    medians over rounds."""
+    sol_tok_s = n * new / sol_s
+
+    def fmt(who: str, s: Side) -> str:
+        return (f"{who} {s.tok_s:7.1f} tok/s ({100 * s.tok_s / sol_tok_s:5.1f}% of SOL; per CPU time "
+                f"{s.cpu_tok_s:7.1f}, {100 * s.cpu_tok_s / sol_tok_s:5.1f}%; peak RSS {s.peak_rss / 2**30:.2f} GiB)")
+
+    def line(ours: Side, hf: Side | None) -> str:
+        return fmt("ours", ours) + ("" if hf is None else f" | {fmt('HF', hf)} | ours/HF {ours.tok_s / hf.tok_s:5.2f}x")
+
+    print(f"  {name:8s} {n} prompts x {new} new: speed of light {sol_tok_s:7.1f} tok/s ({sol_s:.2f} s)")
+    for r, (ours, hf) in enumerate(rounds):
+        print(f"  {name:8s} round {r} ({'ours' if r % 2 == 0 else 'HF'} first): {line(ours, hf)}", flush=True)
+    if len(rounds) > 1:
+        med = statistics.median
+
+        def median_side(sides: list[Side]) -> Side:
+            return Side(med(s.tok_s for s in sides), med(s.cpu_tok_s for s in sides), max(s.peak_rss for s in sides))
+
+        hfs = [h for _, h in rounds if h is not None]
+        ratio = f", median of round ratios {med(o.tok_s / h.tok_s for o, h in rounds if h):.2f}x" if hfs else ""
+        print(f"  {name:8s} medians over {len(rounds)} rounds (RSS: max): "
+              f"{line(median_side([o for o, _ in rounds]), median_side(hfs) if hfs else None)}{ratio}", flush=True)
 
 
 def main() -> None:
@@ -106,41 +181,21 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     model_dir = resolve_model(a.model)
     print(f"model {model_dir}  threads {torch.get_num_threads()}  deterministic {not a.non_deterministic}")
+    machine: Machine = measure_machine()
+    print(f"machine: {machine.describe()}")
     for dtype_name in a.dtypes.split(","):
         llm = LLM(model=str(model_dir), dtype=dtype_name, deterministic=not a.non_deterministic)
-        params = sum(t.numel() for t in llm.engine.model.gemm_weights())
-        print(f"\n[{dtype_name}] {params / 1e6:.1f} M matmul parameters")
+        cost, config = ModelCost.of(llm), llm.engine.config
+        print(f"\n[{dtype_name}] {(cost.body_params + cost.head_params) / 1e6:.1f} M matmul parameters, "
+              f"{cost.weight_bytes / 1e6:.0f} MB of matmul weights read per step")
         for name, (prompts, new) in workloads(a.scale, llm.engine.model_info.vocab_size).items():
             if name not in a.workloads.split(","):
                 continue
-            ratios = [measure(a, llm, model_dir, dtype_name, params, name, prompts, new) for _ in range(a.rounds)]
-            if a.rounds > 1 and not a.skip_hf:
-                print(f"  {name:8s} median ratio over {a.rounds} rounds: {statistics.median(ratios):5.2f}x "
-                      f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+            sol_s = sol_seconds(cost, machine, [len(p) for p in prompts], new, config.max_num_batched_tokens,
+                                config.max_num_seqs)
+            rounds = [measure_round(a, r, llm, model_dir, dtype_name, prompts, new) for r in range(a.rounds)]
+            report(name, len(prompts), new, sol_s, rounds)
         del llm
-
-
-def measure(a: argparse.Namespace, llm: LLM, model_dir: Path, dtype_name: str, params: int, name: str,
-            prompts: list[list[int]], new: int) -> float:
-    """One round: ours (the roofline's matmul measured right before and right after it),
-    then HF; prints the line and returns ours / HF (0.0 with --skip-hf)."""
-    before = matmul_gflops(DTYPES[dtype_name])
-    ours = run_ours(llm, prompts, new)
-    after = matmul_gflops(DTYPES[dtype_name])
-    gflops = (before + after) / 2
-    print(f"  {name:8s} matmul 2048^3: {before:.1f} GFLOP/s before, {after:.1f} after", flush=True)
-    tokens = sum(len(p) for p in prompts) + len(prompts) * new
-    roof = 2 * params * tokens / 1e9 / gflops  # seconds at peak
-    ours_time = len(prompts) * new / ours
-    line = (f"  {name:8s} {len(prompts)} prompts x {new} new: ours {ours:7.1f} tok/s, "
-            f"roofline {100 * roof / ours_time:5.1f}%")
-    if a.skip_hf:
-        print(line, flush=True)
-        return 0.0
-    hf = run_hf(model_dir, DTYPES[dtype_name], prompts, new)
-    hf_time = len(prompts) * new / hf
-    print(line + f" | HF {hf:6.1f} tok/s ({100 * roof / hf_time:5.1f}% roofline) | ratio {ours / hf:5.2f}x", flush=True)
-    return ours / hf
 
 
 if __name__ == "__main__":

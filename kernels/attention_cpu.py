@@ -34,7 +34,8 @@ from kernels.attention import AttentionMetadata
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "paged_attention_cpu.cpp", CSRC / "fused_ops_cpu.cpp", CSRC / "gemm_cpu.cpp", CSRC / "gemm_amx_cpu.cpp"]
+SOURCES = [CSRC / "paged_attention_cpu.cpp", CSRC / "fused_ops_cpu.cpp", CSRC / "gemm_cpu.cpp", CSRC / "gemm_amx_cpu.cpp",
+           CSRC / "gemm_bf16_avx512_cpu.cpp", CSRC / "sol_probe_cpu.cpp"]
 # -ffp-contract=off: only the source's explicit FMAs fuse, so the rounding of every op
 # is fixed by the source, not by what the optimizer happens to contract.
 # -fopenmp: at::parallel_for is inlined from the headers; the libgomp.so.1 it needs is
@@ -214,21 +215,34 @@ def pack_linear_weight(w: torch.Tensor) -> torch.Tensor | None:
     """A weight [N, K] in the layout packed_linear_cpu reads, or None where this dtype has
     no batch-invariant kernel here (its GEMMs stay with oneDNN/MKL in row tiles).
     fp32: groups of 96 columns, each stored [K, 96], in a tensor of size [ceil(N/16), K, 16].
-    bf16 (CPUs with AMX only): 16-column panels of VNNI pairs, [P, Kp / 2, 16, 2]."""
+    bf16 (CPUs with AMX or AVX512-BF16): 16-column panels of VNNI pairs, [P, Kp / 2, 16, 2]
+    (both bf16 kernels read this layout)."""
     if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
         return None
     load()
     if w.dtype == torch.float32:
         return torch.ops.asyncengine_cpu.pack_linear_weight(w)
-    return torch.ops.asyncengine_cpu.pack_linear_weight_bf16(w) if torch.ops.asyncengine_cpu.amx_available() else None
+    return torch.ops.asyncengine_cpu.pack_linear_weight_bf16(w) if bf16_gemm_kernel() is not None else None
+
+
+def bf16_gemm_kernel() -> str | None:
+    """The bf16 GEMM packed_linear_cpu runs on this CPU: "amx" (tile unit), "avx512"
+    (VDPBF16PS, e.g. AMD Zen 4 without AMX), or None (bf16 stays with oneDNN in row tiles)."""
+    load()
+    if torch.ops.asyncengine_cpu.amx_available():
+        return "amx"
+    return "avx512" if torch.ops.asyncengine_cpu.avx512_bf16_available() else None
 
 
 def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """x: [T, K] @ W^T (+ bias) -> [T, n] in x's dtype, on a weight from pack_linear_weight.
     Each output element is computed by the same operations whatever the other rows (fp32:
     one FMA chain over K in order; bf16: AMX tile dot products over k-blocks in order, in
-    fp32, rounded once), so rows are invariant to the batch by construction (no row tiles)."""
+    fp32, rounded once; or, without AMX, VDPBF16PS steps over k-pairs in order, in fp32,
+    rounded once), so rows are invariant to the batch by construction (no row tiles)."""
     load()
     if packed.dtype == torch.bfloat16:
-        return torch.ops.asyncengine_cpu.packed_linear_bf16(x, packed, None if bias is None else bias.float(), n)
+        op = (torch.ops.asyncengine_cpu.packed_linear_bf16 if bf16_gemm_kernel() == "amx"
+              else torch.ops.asyncengine_cpu.packed_linear_bf16_avx512)
+        return op(x, packed, None if bias is None else bias.float(), n)
     return torch.ops.asyncengine_cpu.packed_linear(x.contiguous(), packed, bias, n)
