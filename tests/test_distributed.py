@@ -100,6 +100,9 @@ async def test_weight_update_fans_out_in_lockstep(front: tuple[Front, TestClient
     resp = await client.post("/update_weights", data=bad, headers={**AUTH, "Content-Type": "application/octet-stream"})
     assert resp.status == 400 and await fr.group.call_all("weight_version") == [version, version]
     assert (await client.post("/pause", headers={"Authorization": "Bearer wrong"})).status == 403
+    for body in (b"", b'{"reset_running_requests": true}'):  # fanned out as a function of the core
+        resp = await client.post("/reset_prefix_cache", data=body, headers=AUTH)
+        assert resp.status == 200 and (await resp.json())["success"], await resp.text()
 
 
 async def test_weight_transfer_spans_every_replica(front: tuple[Front, TestClient], llama_dir: Path,

@@ -59,6 +59,11 @@ class GroupEngine:
     async def reset_prefix_cache(self) -> None:
         await self.group.reset_prefix_cache()
 
+    async def call(self, fn: Any) -> list[Any]:
+        """fn(core) on every replica's engine thread (the front's own functions, never a
+        client's: Ray pickles them to the replicas)."""
+        return await self.group.call_all("call", fn)
+
     @property
     def weight_version(self) -> int:
         return self.group.weight_version

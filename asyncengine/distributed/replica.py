@@ -112,6 +112,10 @@ class EngineReplica:
     async def reset_prefix_cache(self) -> None:
         await self._engine().reset_prefix_cache()
 
+    async def call(self, fn: Any) -> Any:
+        """fn(core) at a step boundary of this replica's engine (admin calls fanned out)."""
+        return await self._engine().call(fn)
+
     async def weight_version(self) -> int:
         return self._engine().weight_version
 
