@@ -48,7 +48,8 @@ def _api_error(exc: TransferError) -> APIError:
     return APIError(exc.status, f"{exc} (the old weights are still serving)", kind, exc.param, exc.code)
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The JSON object of a request body ({} when empty); 400 otherwise."""
     raw = await request.read()
     if not raw.strip():
         return {}
@@ -105,7 +106,7 @@ class WeightTransfer:
     async def init(self, request: web.Request) -> web.Response:
         from asyncengine.rl.gloo import GlooGroup
 
-        info = self._parse(InitInfo.parse, (await _body(request)).get("init_info"))
+        info = self._parse(InitInfo.parse, (await json_body(request)).get("init_info"))
         if self._busy.locked():
             raise APIError(409, "a weight transfer is in progress; init after it ends", code="transfer_in_progress")
         async def join() -> None:
@@ -121,7 +122,7 @@ class WeightTransfer:
         return _json({"status": "ok", "rank": info.rank_offset, "world_size": info.world_size})
 
     async def start(self, request: web.Request) -> web.Response:
-        await _body(request)  # validated as JSON; fields such as is_checkpoint_format are ignored
+        await json_body(request)  # validated as JSON; fields such as is_checkpoint_format are ignored
         if self.group is None:
             raise APIError(409, "no weight-transfer group: POST /init_weight_transfer_engine first",
                            code="no_transfer_group")
@@ -166,7 +167,7 @@ class WeightTransfer:
         from asyncengine.models.weights import WeightLoadError
         from asyncengine.rl.staging import stage, swap_in
 
-        body = await _body(request)
+        body = await json_body(request)
         mode = body.get("mode") or "keep"
         if mode not in FINISH_MODES:
             raise APIError(400, f"mode must be one of {', '.join(FINISH_MODES)}; got {mode!r}", param="mode")

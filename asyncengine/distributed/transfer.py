@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from api.protocol import APIError
+from api.weight_transfer import json_body
 from asyncengine.distributed.group import Replica, ReplicaGroup
 
 
@@ -57,7 +58,7 @@ class FrontTransfer:
         return _json(body, status)
 
     async def init(self, request: web.Request) -> web.Response:
-        body = _object(await request.read())
+        body = await json_body(request)
         info = body.get("init_info")
         if not isinstance(info, dict) or not isinstance(info.get("rank_offset"), int):
             raise APIError(400, "init_info must be an object {master_address, master_port, rank_offset, world_size}",
@@ -70,14 +71,14 @@ class FrontTransfer:
                                                           "ranks": [b["init_info"]["rank_offset"] for b in bodies]})
 
     async def start(self, request: web.Request) -> web.Response:
-        return self._settle(await self._call(self._members(), "POST", request.path, _object(await request.read())))
+        return self._settle(await self._call(self._members(), "POST", request.path, await json_body(request)))
 
     async def update(self, body: dict[str, Any]) -> web.Response:
         """POST /update_weights {"update_info"}: every rank receives the one broadcast."""
         return self._settle(await self._call(self._members(), "POST", "/update_weights", body))
 
     async def finish(self, request: web.Request) -> web.Response:
-        body = _object(await request.read())
+        body = await json_body(request)
         members = self._members()
         async with self.group.lock:
             await self.group.pause("keep")
@@ -129,14 +130,3 @@ class FrontTransfer:
                 return _json(body, status)
         return _json({**results[0][1], **(extra or {}), "replicas": len(results)})
 
-
-def _object(raw: bytes) -> dict[str, Any]:
-    if not raw.strip():
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise APIError(400, f"invalid JSON body: {exc}") from exc
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object")
-    return body
