@@ -136,6 +136,16 @@ async def test_weight_transfer_spans_every_replica(front: tuple[Front, TestClien
     assert status == 200, body
 
 
+async def _wait_dead(actor: Any) -> None:
+    for _ in range(100):
+        try:
+            await asyncio.wait_for(actor.health.remote(), 1.0)
+        except Exception:  # RayActorError once it is gone
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the killed actor still answers")
+
+
 async def _wait_until_whole(client: TestClient) -> None:
     for _ in range(240):  # a replacement loads in the background
         if (await (await client.get("/health")).json())["status"] == "ok":
@@ -171,6 +181,7 @@ async def test_a_killed_replica_is_survived_and_replaced(front: tuple[Front, Tes
     victim = fr.group.replicas[0]
     version = fr.group.weight_version
     ray.kill(victim.actor, no_restart=True)
+    await _wait_dead(victim.actor)  # ray.kill returns before the process is gone
     for _ in range(4):  # nothing streamed yet: retried on the survivor
         status, body, where = await _complete(client, {"prompt": "Hello world"})
         assert status == 200 and where == "1", body
