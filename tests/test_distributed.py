@@ -162,6 +162,7 @@ async def test_a_replica_killed_mid_stream_ends_its_stream_with_an_error(front: 
     first = await resp.content.readuntil(b"\n\n")
     assert first.startswith(b"data: {")
     victim = fr.group.replicas[index].actor
+    fr.auto_replace = False  # a fast replacement would take the index back before the checks below
     await victim.pause.remote("keep")  # the stream stalls: the kill below lands mid-stream
     ray.kill(victim, no_restart=True)
     rest = (await resp.read()).decode()
@@ -173,6 +174,8 @@ async def test_a_replica_killed_mid_stream_ends_its_stream_with_an_error(front: 
     assert health["status"] in ("degraded", "ok")
     status, _, where = await _complete(client, {"prompt": "Hello world"})
     assert status == 200 and where == str(1 - index), "the router stopped sending to it"
+    fr.auto_replace = True
+    fr._on_down(index)  # what the failure did, now with replacement on
     await _wait_until_whole(client)
 
 
@@ -180,6 +183,7 @@ async def test_a_killed_replica_is_survived_and_replaced(front: tuple[Front, Tes
     fr, client = front
     victim = fr.group.replicas[0]
     version = fr.group.weight_version
+    fr.auto_replace = False  # a fast replacement would take index 0 back before the checks below
     ray.kill(victim.actor, no_restart=True)
     await _wait_dead(victim.actor)  # ray.kill returns before the process is gone
     for _ in range(4):  # nothing streamed yet: retried on the survivor
@@ -187,6 +191,8 @@ async def test_a_killed_replica_is_survived_and_replaced(front: tuple[Front, Tes
         assert status == 200 and where == "1", body
     health = await (await client.get("/health")).json()
     assert health["status"] == "degraded" and not health["replicas"][0]["up"]
+    fr.auto_replace = True
+    fr._on_down(0)
     await _wait_until_whole(client)
     assert await fr.group.call_all("weight_version") == [version, version]
     sums = await fr.group.call_all("weight_checksums")
