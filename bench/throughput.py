@@ -9,16 +9,23 @@ of the workload's speed of light (bench/sol.py: the machine's FMA peak and strea
 bandwidth measured by compiled probes at the start of this run, FLOPs and bytes counted
 exactly per step), and the process's peak RSS while each side ran.
 
-Like for like: both sides are warmed up (one short generate call on the first prompts)
+llama.cpp's own server is the third side when its binary is there (`--llamacpp auto`, the
+default, finds the one `python bench/llamacpp.py --fetch` unpacks; `--llamacpp PATH` names
+another; `off` skips it): one server per dtype with 64 slots, continuous batching, prompt
+cache off, the same prompts as token ids all sent at once, greedy, exactly the new tokens,
+on F32 / BF16 GGUFs of the engine's own weights (bench/llamacpp.py); its peak RSS is the
+server process's.
+
+Like for like: every side is warmed up (one short generate call on the first prompts)
 before the timed call, the HF model is loaded untimed and dropped after its run (so our
-peak RSS does not include it), and the side that runs first alternates each round.
+peak RSS does not include it), and the side that runs first rotates each round.
 
     python bench/throughput.py                     # both workloads, fp32 and bf16 (long)
     python bench/throughput.py --dtypes float32 --workloads prefill --scale 0.25
     python bench/throughput.py --workloads decode --rounds 3   # medians over 3 rounds
 
 This machine's speed drifts by tens of percent within minutes, so one run's ratio says
-as much about when each side ran as about the code; --rounds N alternates ours and HF N
+as much about when each side ran as about the code; --rounds N rotates the sides N
 times and ends with the medians of the rounds' figures.
 """
 from __future__ import annotations
@@ -27,6 +34,7 @@ import argparse
 import random
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +48,7 @@ import torch  # noqa: E402
 from asyncengine.llm import LLM  # noqa: E402
 from asyncengine.model_files import resolve_model  # noqa: E402
 from asyncengine.sampling_params import SamplingParams  # noqa: E402
+from bench.llamacpp import Server, find_binary, prepared_ggufs, run_peer  # noqa: E402
 from bench.sol import Machine, ModelCost, measure_machine, peak_rss_bytes, reset_peak_rss, sol_seconds  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -121,49 +130,61 @@ def timed_side(run: Callable[[], Clock], tokens: int) -> Side:
     return Side(tokens / clock.wall, tokens * torch.get_num_threads() / clock.cpu, peak_rss_bytes())
 
 
+def run_llamacpp(server: Server | None, prompts: list[list[int]], new_tokens: int) -> Side:
+    """llama.cpp's server on the same prompts (bench/llamacpp.py); its own process's CPU
+    time and peak RSS."""
+    assert server is not None
+    wall, cpu, rss = run_peer(server, prompts, new_tokens)
+    tokens = len(prompts) * new_tokens
+    return Side(tokens / wall, tokens * torch.get_num_threads() / cpu, rss)
+
+
 def measure_round(a: argparse.Namespace, r: int, llm: LLM, model_dir: Path, dtype_name: str,
-                  prompts: list[list[int]], new: int) -> tuple[Side, Side | None]:
-    """One round, ours and HF (unless --skip-hf); the side that runs first alternates."""
-    sides: dict[str, Side] = {}
-    order = ["ours", "hf"] if r % 2 == 0 else ["hf", "ours"]
-    for side in order:
-        if side == "ours":
-            sides[side] = timed_side(lambda: run_ours(llm, prompts, new), len(prompts) * new)
-        elif not a.skip_hf:
-            sides[side] = timed_side(lambda: run_hf(model_dir, DTYPES[dtype_name], prompts, new), len(prompts) * new)
-    return sides["ours"], sides.get("hf")
+                  prompts: list[list[int]], new: int, peer: Server | None) -> dict[str, Side]:
+    """One round: ours, HF (unless --skip-hf) and llama.cpp (when there is a peer server);
+    the side that runs first rotates each round."""
+    tokens = len(prompts) * new
+    runs: dict[str, Callable[[], Side]] = {
+        "ours": lambda: timed_side(lambda: run_ours(llm, prompts, new), tokens),
+        "HF": lambda: timed_side(lambda: run_hf(model_dir, DTYPES[dtype_name], prompts, new), tokens),
+        "llama.cpp": lambda: run_llamacpp(peer, prompts, new),
+    }
+    names = ["ours"] + ([] if a.skip_hf else ["HF"]) + ([] if peer is None else ["llama.cpp"])
+    order = names[r % len(names):] + names[: r % len(names)]
+    sides = {name: runs[name]() for name in order}
+    return {name: sides[name] for name in names}
 
 
-def _gb(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def report(name: str, n: int, new: int, sol_s: float, rounds: list[tuple[Side, Side | None]]) -> None:
-    """Per round: tokens/s, % of the speed of light (over wall time, and over the process's
-    CPU time per thread: what the rate would be holding the cores alone), peak RSS; then
-    medians over rounds."""
+def report(name: str, n: int, new: int, sol_s: float, rounds: list[dict[str, Side]]) -> None:
+    """Per round: tokens/s, % of the speed of light (over wall time, and over the CPU time
+    per thread: what the rate would be holding the cores alone), peak RSS, ours / each
+    peer; then medians over rounds."""
     sol_tok_s = n * new / sol_s
 
     def fmt(who: str, s: Side) -> str:
         return (f"{who} {s.tok_s:7.1f} tok/s ({100 * s.tok_s / sol_tok_s:5.1f}% of SOL; per CPU time "
                 f"{s.cpu_tok_s:7.1f}, {100 * s.cpu_tok_s / sol_tok_s:5.1f}%; peak RSS {s.peak_rss / 2**30:.2f} GiB)")
 
-    def line(ours: Side, hf: Side | None) -> str:
-        return fmt("ours", ours) + ("" if hf is None else f" | {fmt('HF', hf)} | ours/HF {ours.tok_s / hf.tok_s:5.2f}x")
+    def line(sides: dict[str, Side]) -> str:
+        ours = sides["ours"]
+        peers = [f"{fmt(who, s)} | ours/{who} {ours.tok_s / s.tok_s:5.2f}x" for who, s in sides.items() if who != "ours"]
+        return " | ".join([fmt("ours", ours), *peers])
 
     print(f"  {name:8s} {n} prompts x {new} new: speed of light {sol_tok_s:7.1f} tok/s ({sol_s:.2f} s)")
-    for r, (ours, hf) in enumerate(rounds):
-        print(f"  {name:8s} round {r} ({'ours' if r % 2 == 0 else 'HF'} first): {line(ours, hf)}", flush=True)
+    for r, sides in enumerate(rounds):
+        names = list(sides)
+        print(f"  {name:8s} round {r} ({names[r % len(names)]} first): {line(sides)}", flush=True)
     if len(rounds) > 1:
         med = statistics.median
 
-        def median_side(sides: list[Side]) -> Side:
+        def median_side(who: str) -> Side:
+            sides = [r[who] for r in rounds]
             return Side(med(s.tok_s for s in sides), med(s.cpu_tok_s for s in sides), max(s.peak_rss for s in sides))
 
-        hfs = [h for _, h in rounds if h is not None]
-        ratio = f", median of round ratios {med(o.tok_s / h.tok_s for o, h in rounds if h):.2f}x" if hfs else ""
+        ratios = "".join(f", median ours/{who} {med(r['ours'].tok_s / r[who].tok_s for r in rounds):.2f}x"
+                         for who in rounds[0] if who != "ours")
         print(f"  {name:8s} medians over {len(rounds)} rounds (RSS: max): "
-              f"{line(median_side([o for o, _ in rounds]), median_side(hfs) if hfs else None)}{ratio}", flush=True)
+              f"{line({who: median_side(who) for who in rounds[0]})}{ratios}", flush=True)
 
 
 def main() -> None:
@@ -175,7 +196,9 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--non-deterministic", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--rounds", type=int, default=1, help="alternate ours and HF this many times")
+    ap.add_argument("--rounds", type=int, default=1, help="rotate which side runs first this many times")
+    ap.add_argument("--llamacpp", default="auto", metavar="PATH|auto|off",
+                    help="llama-server binary for the llama.cpp peer (auto: the one bench/llamacpp.py --fetch got)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -183,20 +206,35 @@ def main() -> None:
     print(f"model {model_dir}  threads {torch.get_num_threads()}  deterministic {not a.non_deterministic}")
     machine: Machine = measure_machine()
     print(f"machine: {machine.describe()}")
+    binary = find_binary(a.llamacpp)
+    if binary is None:
+        print(f"llama.cpp peer skipped: {'--llamacpp off' if a.llamacpp == 'off' else 'no llama-server; get it with python bench/llamacpp.py --fetch'}")
     for dtype_name in a.dtypes.split(","):
-        llm = LLM(model=str(model_dir), dtype=dtype_name, deterministic=not a.non_deterministic)
-        cost, config = ModelCost.of(llm), llm.engine.config
-        print(f"\n[{dtype_name}] {(cost.body_params + cost.head_params) / 1e6:.1f} M matmul parameters, "
-              f"{cost.weight_bytes / 1e6:.0f} MB of matmul weights read per step")
-        for name, (prompts, new) in workloads(a.scale, llm.engine.model_info.vocab_size).items():
-            if name not in a.workloads.split(","):
-                continue
+        run_dtype(a, model_dir, machine, dtype_name, binary)
+
+
+def run_dtype(a: argparse.Namespace, model_dir: Path, machine: Machine, dtype_name: str, binary: Path | None) -> None:
+    """Every selected workload in one dtype: our LLM and (with a binary) one llama-server."""
+    llm = LLM(model=str(model_dir), dtype=dtype_name, deterministic=not a.non_deterministic)
+    cost, config = ModelCost.of(llm), llm.engine.config
+    print(f"\n[{dtype_name}] {(cost.body_params + cost.head_params) / 1e6:.1f} M matmul parameters, "
+          f"{cost.weight_bytes / 1e6:.0f} MB of matmul weights read per step")
+    chosen = {k: v for k, v in workloads(a.scale, llm.engine.model_info.vocab_size).items() if k in a.workloads.split(",")}
+    peer = None
+    if binary is not None and chosen:
+        longest = max(max(map(len, prompts)) + new for prompts, new in chosen.values())
+        peer = Server(binary, prepared_ggufs()[dtype_name], dtype_name, longest, torch.get_num_threads(),
+                      Path(tempfile.gettempdir()) / f"llamacpp-{dtype_name}.log")
+    try:
+        for name, (prompts, new) in chosen.items():
             sol_s = sol_seconds(cost, machine, [len(p) for p in prompts], new, config.max_num_batched_tokens,
                                 config.max_num_seqs)
-            rounds = [measure_round(a, r, llm, model_dir, dtype_name, prompts, new) for r in range(a.rounds)]
+            rounds = [measure_round(a, r, llm, model_dir, dtype_name, prompts, new, peer) for r in range(a.rounds)]
             report(name, len(prompts), new, sol_s, rounds)
-        del llm
-
+    finally:
+        if peer is not None:
+            peer.close()
+    del llm
 
 if __name__ == "__main__":
     main()
