@@ -144,6 +144,16 @@ def sol_seconds(cost: ModelCost, m: Machine, lengths: list[int], new_tokens: int
     return total
 
 
+def decode_sol_seconds(cost: ModelCost, m: Machine, lengths: list[int], new_tokens: int) -> float:
+    """The speed of light (seconds) of the decode steps alone of prompts of `lengths` decoding
+    together (one batch): the tokens after each prompt's first, as in sol_seconds."""
+    total = 0.0
+    for j in range(1, new_tokens):  # the token fed at position p + j - 1 attends p + j keys
+        ctx = sum(lengths) + j * len(lengths)
+        total += _step_seconds(cost, m, len(lengths), ctx, len(lengths), ctx - len(lengths))
+    return total
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark of this process (Linux); False where it cannot."""
     try:
