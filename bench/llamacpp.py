@@ -97,7 +97,9 @@ def prepared_ggufs(check: bool = False) -> dict[str, Path]:
             n = verify(src, path, dtype)
             if dtype == "float32":
                 n = verify_against_checkpoint(path, model_dir)
-            print(f"[llamacpp] {path.name}: {n} tensors bit-identical to the engine's {dtype} weights", flush=True)
+            print(f"[llamacpp] {path.name}: {n} tensors bit-identical to the engine's {dtype} weights"
+                  f"{' (checkpoint)' if dtype == 'float32' else ' (the dequantized Q4_1, body rounded to bf16)'}",
+                  flush=True)
         paths[dtype] = path
     return paths
 

@@ -4,9 +4,11 @@ The default model ships as a Q4_1 GGUF (asyncengine/model_files.py); the engine'
 checkpoint is that file dequantized by transformers, which calls `gguf.dequantize`. Here
 the same function dequantizes every tensor of the same file and the result is written
 unchanged as an F32 GGUF (every metadata and tokenizer key copied), so llama.cpp computes
-with exactly the engine's fp32 weights. The BF16 file rounds those fp32 weights to bf16
-(round to nearest even, as torch's `.to(torch.bfloat16)` does when the engine runs in
-bf16); 1-D tensors (norms) stay F32, as llama.cpp's own converter keeps them.
+with exactly the engine's fp32 weights. The BF16 file rounds the body's matrices to bf16
+(round to nearest even, as the engine's fp32 -> bf16 copy does when it runs in bf16); 1-D
+tensors (norms) stay F32, as llama.cpp's own converter keeps them, and so does the token
+embedding, which is the tied lm_head: the engine keeps its head in fp32 (lm_head_dtype's
+default) with a bf16 body, and the peer computes the same head.
 
 `verify` reads a written file back and checks it bit for bit against the dequantized
 source; `verify_against_checkpoint` loads the F32 file the way the engine's checkpoint was
@@ -21,6 +23,7 @@ import gguf
 import numpy as np
 
 _SKIPPED_KEYS = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE)
+_F32_IN_BF16 = ("token_embd.weight",)  # the tied head: fp32 in the engine's bf16 mode too
 FILE_TYPES = {"float32": gguf.LlamaFileType.ALL_F32, "bfloat16": gguf.LlamaFileType.MOSTLY_BF16}
 
 
@@ -34,7 +37,7 @@ def _bf16_bits(x: np.ndarray) -> np.ndarray:
 
 def _target(name: str, weights: np.ndarray, dtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """The array to write for one dequantized fp32 tensor, and its GGML type."""
-    if dtype == "float32" or weights.ndim == 1:
+    if dtype == "float32" or weights.ndim == 1 or name in _F32_IN_BF16:
         return weights, gguf.GGMLQuantizationType.F32
     return _bf16_bits(weights), gguf.GGMLQuantizationType.BF16
 

@@ -29,6 +29,8 @@ def _q4_1_gguf(path: Path) -> Path:
     q = gguf.quantize(weight, gguf.GGMLQuantizationType.Q4_1)
     w.add_tensor("blk.0.attn_q.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
     w.add_tensor("blk.0.attn_norm.weight", rng.standard_normal(64).astype(np.float32))
+    embd = gguf.quantize(rng.standard_normal((4, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("token_embd.weight", embd, raw_shape=embd.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -51,19 +53,20 @@ def test_f32_gguf_holds_exactly_the_dequantized_weights(tmp_path: Path) -> None:
     fields = gguf.GGUFReader(dst).fields
     assert fields["tokenizer.ggml.tokens"].contents() == ["<a>", "<b>", "hello"]
     assert fields["general.file_type"].contents() == gguf.LlamaFileType.ALL_F32
-    assert verify(src, dst, "float32") == 2
+    assert verify(src, dst, "float32") == 3
 
 
-def test_bf16_gguf_rounds_like_torch_and_keeps_norms_f32(tmp_path: Path) -> None:
+def test_bf16_gguf_rounds_like_torch_and_keeps_norms_and_the_head_f32(tmp_path: Path) -> None:
     src = _q4_1_gguf(tmp_path / "q.gguf")
     dst = write_dense(src, tmp_path / "bf16.gguf", "bfloat16")
     got = _tensors(dst)
     assert got["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert got["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # the tied lm_head
     assert got["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.BF16
     deq = next(gguf.dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(src).tensors if "attn_q" in t.name)
     bits = np.array(got["blk.0.attn_q.weight"].data).view(np.int16).reshape(deq.shape)  # a writable copy
     assert torch.equal(torch.from_numpy(bits).view(torch.bfloat16), torch.from_numpy(deq).to(torch.bfloat16))
-    assert verify(src, dst, "bfloat16") == 2
+    assert verify(src, dst, "bfloat16") == 3
 
 
 def test_verify_rejects_a_file_that_differs(tmp_path: Path) -> None:
