@@ -104,15 +104,21 @@ def prepared_ggufs(check: bool = False) -> dict[str, Path]:
     return paths
 
 
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
 class Server:
     """A llama-server child process on a free localhost port."""
 
     def __init__(self, binary: Path, gguf: Path, dtype: str, ctx_per_slot: int, threads: int, log: Path) -> None:
+        # Each slot a multiple of 256 tokens, as the server pads slots (asked for 64 per slot, it
+        # made 256) and then rounds the total to a multiple of the slots.
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port),
-               "-np", str(SLOTS), "-c", str(SLOTS * ctx_per_slot), "--cont-batching", "--no-cache-prompt",
+               "-np", str(SLOTS), "-c", str(SLOTS * _round_up(ctx_per_slot, 256)), "--cont-batching", "--no-cache-prompt",
                "--cache-reuse", "0", "--cache-ram", "0", "-t", str(threads), "-tb", str(threads),
                "--threads-http", str(SLOTS + 2), "-ctk", _KV_TYPES[dtype], "-ctv", _KV_TYPES[dtype],
                "--no-webui", "--seed", "0"]

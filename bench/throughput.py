@@ -209,6 +209,9 @@ def main() -> None:
     binary = find_binary(a.llamacpp)
     if binary is None:
         print(f"llama.cpp peer skipped: {'--llamacpp off' if a.llamacpp == 'off' else 'no llama-server; get it with python bench/llamacpp.py --fetch'}")
+    elif model_dir != resolve_model(None):
+        binary = None  # its GGUFs hold the default model's weights only
+        print("llama.cpp peer skipped: it runs the default model only")
     for dtype_name in a.dtypes.split(","):
         run_dtype(a, model_dir, machine, dtype_name, binary)
 
