@@ -239,5 +239,6 @@ def run_dtype(a: argparse.Namespace, model_dir: Path, machine: Machine, dtype_na
             peer.close()
     del llm
 
+
 if __name__ == "__main__":
     main()
