@@ -10,6 +10,7 @@ from a worker thread while this thread runs the matching collective, as TRL does
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import socket
 import urllib.error
@@ -126,8 +127,9 @@ class WeightSender:
                 self._buffers[i % 2] = empty_bytes(b - a)
             out = self._buffers[i % 2][: b - a]
             for t, o in inside:
-                raw = t.reshape(-1).view(torch.uint8)
-                out[o - a : o - a + raw.numel()].copy_(raw)
+                # A plain memcpy (no thread team: torch's parallel copy stalls when the cores
+                # are oversubscribed, as they are beside a decoding engine; the GIL is released).
+                ctypes.memmove(out.data_ptr() + o - a, t.data_ptr(), t.numel() * t.element_size())
             return out
 
         buckets = info.buckets()
