@@ -77,6 +77,7 @@ class WeightTransfer:
         self.started_at = 0.0
         self.receive_s = 0.0  # time in update_weights calls since start (the broadcasts)
         self._calls = 0  # update_weights calls since start: each receives into its own buffer
+        self._finishing = False  # a finish is staging / swapping: the spare buffers are in use
         self.spares = SpareBuffers()
         self._busy = asyncio.Lock()  # one collective (init or receive) at a time
 
@@ -133,9 +134,9 @@ class WeightTransfer:
         if self.group is None:
             raise APIError(409, "no weight-transfer group: POST /init_weight_transfer_engine first",
                            code="no_transfer_group")
-        if self.staged is not None:
+        if self.staged is not None or self._finishing:
             raise APIError(409, "a weight update is already in progress (start_weight_update was called and "
-                                "finish_weight_update was not)", code="update_in_progress")
+                                "finish_weight_update has not returned)", code="update_in_progress")
         self.staged, self.started_at, self.receive_s, self._calls = {}, time.perf_counter(), 0.0, 0
         return _json({"status": "ok"})
 
@@ -155,11 +156,11 @@ class WeightTransfer:
         except TransferError as exc:
             self._fail(close=True)  # the trainer is broadcasting what we will not receive: hang up
             raise _api_error(exc) from exc
-        # Shielded: if the trainer hangs up, aiohttp cancels this handler, but the receive
-        # must still run to its end (or its error) and settle the update's state.
         flat = self.spares.get(("recv", self._calls), sum(update.sizes()))
         self._calls += 1
         t0 = time.perf_counter()
+        # Shielded: if the trainer hangs up, aiohttp cancels this handler, but the receive
+        # must still run to its end (or its error) and settle the update's state.
         task = asyncio.ensure_future(self._receive(self.group, update, flat, layout_rank(self.engine.core.model)))
         try:
             received = await asyncio.shield(task)
@@ -177,9 +178,6 @@ class WeightTransfer:
         return _json({"status": "ok", "received": len(received)})
 
     async def finish(self, request: web.Request) -> web.Response:
-        from asyncengine.models.weights import WeightLoadError
-        from asyncengine.rl.staging import stage, stage_views, swap_in
-
         body = await json_body(request)
         mode = body.get("mode") or "keep"
         if mode not in FINISH_MODES:
@@ -197,9 +195,28 @@ class WeightTransfer:
         staged, self.staged = self.staged, None
         if not staged:
             raise APIError(400, "no tensors were received since start_weight_update", code="nothing_received")
+        self._finishing = True  # until the swap task ends (_swap clears it), even if the caller hangs up
+        version, staged_s = await asyncio.shield(asyncio.ensure_future(self._swap(staged, mode, label)))
+        return _json({"status": "ok", "weight_version": version, "receive_s": self.receive_s, "stage_s": staged_s,
+                      "pause_s": self.engine.last_apply_s, "total_s": time.perf_counter() - self.started_at})
+
+    async def _swap(self, staged: dict[str, Any], mode: str, label: int | None) -> tuple[int, float]:
+        """Stage the received tensors (off the engine thread), then swap them in at a step
+        boundary; (the new version, the staging time)."""
+        try:
+            return await self._stage_and_apply(staged, mode, label)
+        finally:
+            self._finishing = False
+
+    async def _stage_and_apply(self, staged: dict[str, Any], mode: str, label: int | None) -> tuple[int, float]:
+        from asyncengine.models.weights import WeightLoadError
+        from asyncengine.rl.staging import stage, stage_views, swap_in
+
         t0 = time.perf_counter()
-        model = self.engine.core.model
-        def build() -> tuple[Any, bool]:  # off the engine thread; True: made of the spare buffers
+        core = self.engine.core
+        model = core.model
+
+        def build() -> tuple[Any, bool]:  # True: made of the spare buffers
             fast = stage_views(model, staged, self.spares)
             return (fast, True) if fast is not None else (stage(model, staged), False)
 
@@ -209,7 +226,6 @@ class WeightTransfer:
             raise APIError(400, f"weight update refused, old weights still serving: {exc}",
                            code="invalid_weights") from exc
         staged_s = time.perf_counter() - t0
-        core = self.engine.core
 
         def write() -> None:  # on the engine thread, at a step boundary
             swap_in(model, shadow)
@@ -218,9 +234,7 @@ class WeightTransfer:
             if label is not None:  # the trainer's label: apply_weights' +1 then lands on it
                 core.weight_version = label - 1
 
-        version = await self.engine.apply_weights(write, mode)
-        return _json({"status": "ok", "weight_version": version, "receive_s": self.receive_s, "stage_s": staged_s,
-                      "pause_s": self.engine.last_apply_s, "total_s": time.perf_counter() - self.started_at})
+        return await self.engine.apply_weights(write, mode), staged_s
 
     async def _receive(self, group: GlooGroup, update: UpdateInfo, flat: torch.Tensor,
                        rank: dict[str, int]) -> dict[str, Any]:
