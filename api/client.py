@@ -76,6 +76,9 @@ class Delta:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     weight_versions: list[int] = field(default_factory=list)
+    # With return_weight_versions, on the last delta: [start, end, version] runs of KV
+    # positions in the order computed (for asyncengine.rl.recompute).
+    kv_epochs: list[list[int]] | None = None
     # Alternatives per token (token string -> logprob), when top-N was asked for.
     top_logprobs: list[dict[str, float]] | None = None
     raw_logprobs: list[float] | None = None
@@ -118,6 +121,7 @@ def parse_choice(choice: dict[str, Any]) -> Delta:
     d.text = (content.get("content") or "") if content is not None else choice.get("text", "")
     d.token_ids = choice.get("token_ids") or []
     d.weight_versions = choice.get("weight_versions") or []
+    d.kv_epochs = choice.get("kv_epochs")
     d.raw_logprobs = choice.get("raw_logprobs")
     d.prompt_token_ids = choice.get("prompt_token_ids")
     lp = choice.get("logprobs")

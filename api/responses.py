@@ -151,6 +151,8 @@ class ChoiceBuilder:
                 choice["prompt_token_ids"] = list(self.prompt_ids)
         if req.return_weight_versions or req.return_token_ids:
             choice["weight_versions"] = list(out.weight_versions)
+        if req.return_weight_versions and out.kv_epochs is not None:  # the final piece: the KV's versions
+            choice["kv_epochs"] = [list(e) for e in out.kv_epochs]
         if out.raw_logprobs is not None:
             choice["raw_logprobs"] = [lp(x) for x in out.raw_logprobs]
         if out.log_kept_mass is not None:

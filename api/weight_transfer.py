@@ -11,7 +11,10 @@ finish's optional weight_version is the trainer's label for the new weights: it 
 above the serving version (versions only go up), and the tokens then carry it; without
 it the version goes up by one.
 
-Received tensors stage into a shadow copy of the weights (asyncengine/rl/staging.py);
+update_info's packed=true is vLLM's packed layout (asyncengine/rl/protocol.py): one
+uint8 broadcast per bucket instead of one per tensor. Either way the tensors are received
+back to back into one kept buffer (asyncengine/rl/buffers.py) and, for a full update in
+the model's dtype, become the new weights without a copy (asyncengine/rl/staging.py);
 nothing the engine serves changes before finish, which swaps them in at a step
 boundary. A failed step (bad body, wrong shapes, the trainer dead or stalled past the
 timeout) ends the update: the old weights keep serving, and a broken group is left, so
@@ -29,6 +32,7 @@ import torch
 from aiohttp import web
 
 from api.protocol import APIError
+from asyncengine.rl.buffers import SpareBuffers
 from asyncengine.rl.protocol import InitInfo, TransferError, UpdateInfo
 
 if TYPE_CHECKING:
@@ -71,6 +75,10 @@ class WeightTransfer:
         self.group: GlooGroup | None = None
         self.staged: dict[str, Any] | None = None  # None: no update in progress
         self.started_at = 0.0
+        self.receive_s = 0.0  # time in update_weights calls since start (the broadcasts)
+        self._calls = 0  # update_weights calls since start: each receives into its own buffer
+        self._finishing = False  # a finish is staging / swapping: the spare buffers are in use
+        self.spares = SpareBuffers()
         self._busy = asyncio.Lock()  # one collective (init or receive) at a time
 
     def routes(self) -> list[tuple[str, str, Any]]:
@@ -126,14 +134,16 @@ class WeightTransfer:
         if self.group is None:
             raise APIError(409, "no weight-transfer group: POST /init_weight_transfer_engine first",
                            code="no_transfer_group")
-        if self.staged is not None:
+        if self.staged is not None or self._finishing:
             raise APIError(409, "a weight update is already in progress (start_weight_update was called and "
-                                "finish_weight_update was not)", code="update_in_progress")
-        self.staged, self.started_at = {}, time.perf_counter()
+                                "finish_weight_update has not returned)", code="update_in_progress")
+        self.staged, self.started_at, self.receive_s, self._calls = {}, time.perf_counter(), 0.0, 0
         return _json({"status": "ok"})
 
     async def update(self, body: dict[str, Any]) -> web.Response:
         """POST /update_weights {"update_info"}: receive the announced tensors."""
+        from asyncengine.rl.staging import layout_rank
+
         if self.group is None or self.staged is None:
             raise APIError(409, "no weight update in progress: init_weight_transfer_engine, then "
                                 "start_weight_update first", code="no_update_in_progress")
@@ -146,9 +156,12 @@ class WeightTransfer:
         except TransferError as exc:
             self._fail(close=True)  # the trainer is broadcasting what we will not receive: hang up
             raise _api_error(exc) from exc
+        flat = self.spares.get(("recv", self._calls), sum(update.sizes()))
+        self._calls += 1
+        t0 = time.perf_counter()
         # Shielded: if the trainer hangs up, aiohttp cancels this handler, but the receive
         # must still run to its end (or its error) and settle the update's state.
-        task = asyncio.ensure_future(self._receive(self.group, update))
+        task = asyncio.ensure_future(self._receive(self.group, update, flat, layout_rank(self.engine.core.model)))
         try:
             received = await asyncio.shield(task)
         except TransferError as exc:
@@ -161,12 +174,10 @@ class WeightTransfer:
         if self.staged is None:  # a concurrent init or failure ended this update meanwhile
             raise APIError(409, "the weight update was abandoned while receiving", code="update_abandoned")
         self.staged.update(received)
+        self.receive_s += time.perf_counter() - t0
         return _json({"status": "ok", "received": len(received)})
 
     async def finish(self, request: web.Request) -> web.Response:
-        from asyncengine.models.weights import WeightLoadError
-        from asyncengine.rl.staging import stage, swap_in
-
         body = await json_body(request)
         mode = body.get("mode") or "keep"
         if mode not in FINISH_MODES:
@@ -184,29 +195,52 @@ class WeightTransfer:
         staged, self.staged = self.staged, None
         if not staged:
             raise APIError(400, "no tensors were received since start_weight_update", code="nothing_received")
-        t0 = time.perf_counter()
-        model = self.engine.core.model
+        self._finishing = True  # until the swap task ends (_swap clears it), even if the caller hangs up
+        version, staged_s = await asyncio.shield(asyncio.ensure_future(self._swap(staged, mode, label)))
+        return _json({"status": "ok", "weight_version": version, "receive_s": self.receive_s, "stage_s": staged_s,
+                      "pause_s": self.engine.last_apply_s, "total_s": time.perf_counter() - self.started_at})
+
+    async def _swap(self, staged: dict[str, Any], mode: str, label: int | None) -> tuple[int, float]:
+        """Stage the received tensors (off the engine thread), then swap them in at a step
+        boundary; (the new version, the staging time)."""
         try:
-            shadow = await asyncio.to_thread(stage, model, staged)
+            return await self._stage_and_apply(staged, mode, label)
+        finally:
+            self._finishing = False
+
+    async def _stage_and_apply(self, staged: dict[str, Any], mode: str, label: int | None) -> tuple[int, float]:
+        from asyncengine.models.weights import WeightLoadError
+        from asyncengine.rl.staging import stage, stage_views, swap_in
+
+        t0 = time.perf_counter()
+        core = self.engine.core
+        model = core.model
+
+        def build() -> tuple[Any, bool]:  # True: made of the spare buffers
+            fast = stage_views(model, staged, self.spares)
+            return (fast, True) if fast is not None else (stage(model, staged), False)
+
+        try:
+            shadow, from_spares = await asyncio.to_thread(build)
         except WeightLoadError as exc:
             raise APIError(400, f"weight update refused, old weights still serving: {exc}",
                            code="invalid_weights") from exc
         staged_s = time.perf_counter() - t0
-        core = self.engine.core
 
         def write() -> None:  # on the engine thread, at a step boundary
             swap_in(model, shadow)
+            if from_spares:  # the buffers just written are served now; the previous ones are spare
+                self.spares.flip()
             if label is not None:  # the trainer's label: apply_weights' +1 then lands on it
                 core.weight_version = label - 1
 
-        version = await self.engine.apply_weights(write, mode)
-        return _json({"status": "ok", "weight_version": version, "stage_s": staged_s,
-                      "pause_s": self.engine.last_apply_s, "total_s": time.perf_counter() - self.started_at})
+        return await self.engine.apply_weights(write, mode), staged_s
 
-    async def _receive(self, group: GlooGroup, update: UpdateInfo) -> dict[str, Any]:
+    async def _receive(self, group: GlooGroup, update: UpdateInfo, flat: torch.Tensor,
+                       rank: dict[str, int]) -> dict[str, Any]:
         async with self._busy:
             try:
-                return await asyncio.to_thread(group.receive, update)
+                return await asyncio.to_thread(group.receive, update, flat, rank)
             except TransferError:
                 self._fail(close=True)  # a broken group: the next init starts afresh
                 raise

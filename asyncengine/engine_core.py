@@ -196,7 +196,7 @@ class EngineCore:
     def _update_one(
         self, s: ScheduledRequest, req: Request, out: ModelRunnerOutput, outputs: list[RequestOutput]
     ) -> None:
-        req.num_computed_tokens += s.num_new_tokens
+        req.advance(s.num_new_tokens, self.weight_version)  # KV of this step's weights
         # Before any finish frees the blocks: finished requests' blocks stay cached.
         self.kv.cache_full_blocks(req, req.kv_weight_version)
         prompt_lp = out.prompt_logprobs.get(req.request_id)
@@ -249,6 +249,7 @@ class EngineCore:
             token_ids=req.output_token_ids[lo:hi],
             logprobs=req.logprobs[lo:hi],
             weight_versions=req.weight_versions[lo:hi],
+            kv_epochs=[(a, b, v) for a, b, v in req.kv_epochs] if req.is_finished else None,
             text=detok.take(req.is_finished) if detok is not None else "",
             top_logprobs=req.top_logprobs[lo:hi] if sp.logprobs is not None else None,
             raw_logprobs=req.raw_logprobs[lo:hi] if sp.return_raw_logprob else None,

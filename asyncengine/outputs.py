@@ -81,6 +81,9 @@ class RequestOutput:
     logprobs: list[float]
     # Version of the weights that produced each new token.
     weight_versions: list[int]
+    # On the final output: (start, end, version) runs of KV positions in the order they were
+    # computed (Request.kv_epochs): what an exact recompute replays (asyncengine/rl/recompute.py).
+    kv_epochs: list[tuple[int, int, int]] | None = None
     # New text since the previous output (incremental, never splits a character).
     text: str = ""
     top_logprobs: list[TopLogprobs] | None = None
@@ -113,6 +116,7 @@ class CompletionResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     weight_versions: list[int] = field(default_factory=list)
+    kv_epochs: list[tuple[int, int, int]] | None = None
     text: str = ""
     top_logprobs: list[TopLogprobs] | None = None
     raw_logprobs: list[float] | None = None
@@ -138,6 +142,8 @@ class CompletionResult:
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
             self.prompt_top_logprobs = out.prompt_top_logprobs
+        if out.kv_epochs is not None:
+            self.kv_epochs = out.kv_epochs
         if out.finished:
             self.finish_reason = out.finish_reason
             self.stop_reason = out.stop_reason

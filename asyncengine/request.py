@@ -61,6 +61,10 @@ class Request:
         self.error: tuple[str, str] | None = None
         # Weight version the request's current KV was computed with (prefix-hash salt).
         self.kv_weight_version = 0
+        # [start, end, version]: positions start..end-1 got their KV from `version`, in the
+        # order computed (merged while contiguous); a preemption's recompute starts again
+        # at 0, a keep-mode update starts a new entry where it happened.
+        self.kv_epochs: list[list[int]] = []
         # Per output token.
         self.logprobs: list[float] = []
         self.weight_versions: list[int] = []
@@ -107,10 +111,22 @@ class Request:
     def start_running(self, num_cached_tokens: int, weight_version: int) -> None:
         first_admission = self.status == RequestStatus.WAITING
         self.status = RequestStatus.RUNNING
-        self.num_computed_tokens = num_cached_tokens
+        self.num_computed_tokens = 0
         self.kv_weight_version = weight_version
+        self.advance(num_cached_tokens, weight_version)  # prefix hits: KV of this version's salt
         if first_admission:
             self.num_cached_tokens = num_cached_tokens
+
+    def advance(self, num_tokens: int, weight_version: int) -> None:
+        """num_tokens more positions have their KV, computed by weight_version."""
+        start, self.num_computed_tokens = self.num_computed_tokens, self.num_computed_tokens + num_tokens
+        if num_tokens <= 0:
+            return
+        last = self.kv_epochs[-1] if self.kv_epochs else None
+        if last is not None and last[1] == start and last[2] == weight_version:
+            last[1] = self.num_computed_tokens
+        else:
+            self.kv_epochs.append([start, self.num_computed_tokens, weight_version])
 
     def preempt(self) -> None:
         """KV freed; everything (prompt and outputs so far) is recomputed on readmission."""

@@ -84,7 +84,7 @@ def hf_logprobs(model_dir: Path, tokens: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("scenario", ["ok", "raw"])
+@pytest.mark.parametrize("scenario", ["ok", "raw", "raw_packed", "per_tensor", "small_buckets"])
 async def test_weights_arrive_and_equal_hf(served: tuple[AsyncEngine, TestClient], new_dir: Path,
                                            scenario: str) -> None:
     eng, client = served
@@ -93,7 +93,7 @@ async def test_weights_arrive_and_equal_hf(served: tuple[AsyncEngine, TestClient
     assert status == 200 and info["vllm_config"]["weight_transfer_config"] == {"backend": "gloo"}
     rc, out = await trainer(client, new_dir, scenario)
     assert rc == 0, out
-    version = 7 if scenario == "raw" else 1  # the raw trainer labels its weights 7
+    version = 7 if scenario.startswith("raw") else 1  # the raw trainer labels its weights 7
     assert f'"weight_version":{version}' in out and eng.weight_version == version
     res = await greedy(eng)
     assert set(res.weight_versions) == {version}
@@ -113,7 +113,7 @@ async def assert_old_weights_serving(eng: AsyncEngine, before: CompletionResult,
     assert rc == 0 and eng.weight_version == 1, out
 
 
-@pytest.mark.parametrize("scenario", ["die", "stall", "wrong_shape"])
+@pytest.mark.parametrize("scenario", ["die", "die_packed", "stall", "wrong_shape"])
 async def test_failed_transfer_leaves_old_weights(served: tuple[AsyncEngine, TestClient], new_dir: Path,
                                                   scenario: str) -> None:
     eng, client = served

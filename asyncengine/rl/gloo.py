@@ -9,6 +9,7 @@ Blocking calls: the HTTP layer runs them on worker threads.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -34,19 +35,36 @@ class GlooGroup:
             raise TransferError(f"could not join the gloo group at {info.master_address}:{info.master_port} as "
                                 f"rank {info.rank_offset} of {info.world_size}: {exc}", 504, "rendezvous_failed") from exc
 
-    def receive(self, update: UpdateInfo) -> dict[str, torch.Tensor]:
-        """Each announced tensor, broadcast from rank 0, into a new buffer (in order)."""
+    def receive(self, update: UpdateInfo, flat: torch.Tensor,
+                rank: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+        """Each announced tensor, broadcast from rank 0, as a view of `flat` (uint8, at
+        least the update's total size; the tensors lie back to back: in order in the
+        packed layout, one broadcast per bucket; else one broadcast per tensor, laid in
+        `rank` order). Nothing is copied, except a tensor whose offset does not suit its
+        dtype (then a fresh tensor)."""
+        offsets, sizes = update.offsets(rank), update.sizes()
         out: dict[str, torch.Tensor] = {}
-        for name, dtype, shape in zip(update.names, update.dtypes, update.shapes):
-            buf = torch.empty(shape, dtype=dtype)
+        for name, dtype, shape, at, size in zip(update.names, update.dtypes, update.shapes, offsets, sizes):
+            out[name] = _view(flat[at : at + size], dtype, shape)
+        if update.packed:
+            chunks = [flat[a:b] for a, b in update.buckets()]
+        else:
+            chunks = list(out.values())
+        for i, chunk in enumerate(chunks):
             try:
-                dist.broadcast(buf, src=0)
+                dist.broadcast(chunk, src=0)
             except Exception as exc:  # the trainer died, hung up, or stalled past the timeout
                 timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
-                raise TransferError(f"the broadcast of {name!r} from the trainer failed ({len(out)} of "
-                                    f"{len(update.names)} tensors received): {exc}", 504 if timed_out else 502,
+                what = "bucket" if update.packed else f"tensor {update.names[i]!r}"
+                raise TransferError(f"the broadcast of {what} from the trainer failed ({i} of {len(chunks)} "
+                                    f"{'buckets' if update.packed else 'tensors'} received): {exc}",
+                                    504 if timed_out else 502,
                                     "transfer_timeout" if timed_out else "transfer_failed") from exc
-            out[name] = buf
+        if update.packed:  # the misaligned ones were received into flat: copy them out
+            for name, at, size in zip(update.names, offsets, sizes):
+                t = out[name]
+                if t.data_ptr() != flat[at:].data_ptr() and size:
+                    t.view(-1).view(torch.uint8).copy_(flat[at : at + size])
         return out
 
     def close(self) -> None:
@@ -59,3 +77,12 @@ def _destroy() -> None:
             dist.destroy_process_group()
         except Exception:  # a broken group may fail to tear down; it is gone either way
             pass
+
+
+def _view(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """raw (uint8 bytes) seen as a tensor of dtype and shape, or a fresh one where the
+    offset is not a multiple of the dtype's size (mixed dtypes back to back)."""
+    try:
+        return raw.view(dtype).view(shape)
+    except RuntimeError:
+        return torch.empty(shape, dtype=dtype)
