@@ -8,11 +8,19 @@ The Triton interpreter is a correctness tool, so it is never timed; without a CU
 this prints that instead of a figure.
 
     python bench/kernels.py [--repeats 20] [--threads N]
+    python bench/kernels.py --decode-bandwidth [--threads N]   # CPU decode attention's KV read rate
+
+--decode-bandwidth: the CPU decode attention of 64 sequences at contexts 512-1024, on caches
+laid out as the engine lays them out (kernels.attention_cpu.new_kv_cache; blocks shuffled, as
+after churn) and rotated over a 1 GB pool so the keys and values come from memory, not the last-level
+cache: bytes of K and V read per second, over wall time and over the calling thread's CPU
+time (exact at --threads 1), next to the streaming read rate measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -166,15 +174,69 @@ def _sampling_cases(device: torch.device, pick: Callable) -> list[Case]:
     ]
 
 
+def _decode_sets(ctx: int, num_blocks: int) -> list[tuple[AttentionMetadata, torch.Tensor]]:
+    """(meta, q) sets of DECODE_BATCH sequences x ctx keys over disjoint blocks of a pool of
+    num_blocks, in random order (as after churn); together they cover the pool."""
+    per_seq = -(-ctx // BLOCK)
+    order = list(range(num_blocks))
+    random.Random(ctx).shuffle(order)
+    sets = []
+    for first in range(0, num_blocks - DECODE_BATCH * per_seq + 1, DECODE_BATCH * per_seq):
+        tables = torch.tensor(order[first:first + DECODE_BATCH * per_seq]).view(DECODE_BATCH, per_seq)
+        slots = tables[:, (ctx - 1) // BLOCK] * BLOCK + (ctx - 1) % BLOCK
+        meta = AttentionMetadata(torch.arange(DECODE_BATCH + 1), torch.full((DECODE_BATCH,), ctx), tables,
+                                 slots, torch.full((DECODE_BATCH,), ctx - 1), list(range(DECODE_BATCH + 1)),
+                                 [ctx] * DECODE_BATCH)
+        sets.append((meta, torch.randn(DECODE_BATCH, HEADS, HEAD_DIM)))
+    return sets
+
+
+def decode_bandwidth(repeats: int, pool_bytes: int = 1 << 30) -> None:
+    """The CPU decode attention's KV read rate vs the machine's streaming read rate, on a
+    KV pool of pool_bytes (far past the last-level cache) read set after set."""
+    if not attention_cpu.available():
+        raise SystemExit("the compiled CPU ops are not available")
+    ops = torch.ops.asyncengine_cpu
+    stream = ops.stream_read(torch.ones(1 << 27))  # 512 MiB
+    print(f"{torch.get_num_threads()} threads; streaming read {stream[0] / 1e9:.1f} GB/s over wall time, "
+          f"{stream[1] / 1e9:.1f} GB/s over the threads' CPU time")
+    for dtype in (torch.float32, torch.bfloat16):
+        size = torch.finfo(dtype).bits // 8
+        num_blocks = pool_bytes // (2 * BLOCK * KV_HEADS * HEAD_DIM * size)
+        k_cache, v_cache = attention_cpu.new_kv_cache(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, dtype)
+        k_cache.uniform_(-1, 1), v_cache.uniform_(-1, 1)
+        for ctx in (512, 768, 1024):
+            sets = _decode_sets(ctx, num_blocks)
+            kv_bytes = 2 * DECODE_BATCH * ctx * KV_HEADS * HEAD_DIM * size
+            walls, cpus = [], []
+            for i in range(-len(sets), repeats * len(sets)):  # one pass over the pool to warm up
+                meta, q = sets[i % len(sets)]
+                t, c = time.perf_counter(), time.thread_time()
+                attention_cpu.paged_attention_cpu(q, k_cache, v_cache, meta, HEAD_DIM**-0.5)
+                if i >= 0:
+                    walls.append(time.perf_counter() - t)
+                    cpus.append(time.thread_time() - c)
+            wall, cpu = statistics.median(walls), statistics.median(cpus)
+            print(f"{str(dtype).removeprefix('torch.'):<9} {DECODE_BATCH} seqs x ctx {ctx:<5} KV {kv_bytes / 1e6:6.1f} MB: "
+                  f"{wall * 1e3:6.2f} ms wall ({kv_bytes / wall / 1e9:5.1f} GB/s, {kv_bytes / wall / stream[0]:4.0%} "
+                  f"of streaming), caller's CPU {cpu * 1e3:6.2f} ms ({kv_bytes / cpu / 1e9:5.1f} GB/s, "
+                  f"{kv_bytes / cpu / stream[1]:4.0%})", flush=True)
+        del k_cache, v_cache
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--decode-bandwidth", action="store_true",
+                        help="only the CPU decode attention's KV read rate vs streaming read (see above)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.decode_bandwidth:
+        return decode_bandwidth(args.repeats)
     cuda = torch.cuda.is_available()
     triton_ok = cuda and rmsnorm.triton is not None
     device = torch.device("cuda" if cuda else "cpu")
