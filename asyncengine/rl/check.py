@@ -44,6 +44,10 @@ def add_rl_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learn-json", default="",
                    help="a learning run's --json file from an earlier rl-check: shown in the summary and plot")
     p.add_argument("--workdir", default="", help="server logs (default: a temporary directory)")
+    # The trainer (fp32 weights, gradients, Adam state) shares the machine with each server:
+    # a server sizing its KV pool from free memory would take what the trainer needs.
+    p.add_argument("--server-kv-gb", type=float, default=1.0,
+                   help="KV cache of each server, GB (its rollouts need far less than 1 GB)")
 
 
 @dataclass(slots=True)
@@ -85,6 +89,7 @@ def _runs(a: argparse.Namespace) -> dict[str, tuple[tuple[str, ...], list[RunCon
 async def run_all(a: argparse.Namespace, model_dir: Path, workdir: Path) -> dict[str, RunResult]:
     results: dict[str, RunResult] = {}
     for name, (flags, configs) in _runs(a).items():
+        flags = ("--kv-cache-memory-gb", str(a.server_kv_gb), *flags)
         with server(model_dir, flags, workdir / f"server-{name}.log") as srv:
             for cfg in configs:
                 results[cfg.name] = await run_on_server(cfg, model_dir, srv.url)
