@@ -17,7 +17,7 @@ import argparse
 import asyncio
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from asyncengine.rl.loop import RunConfig, RunResult, run_on_server, server
@@ -41,7 +41,13 @@ def add_rl_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-operand", type=int, default=20, help="the additions' operands are 0..this")
     p.add_argument("--plot", default="rl_check.png", help="PNG of the per-step curves ('' for none)")
     p.add_argument("--json", default="", help="write every per-step figure to this JSON file")
+    p.add_argument("--learn-json", default="",
+                   help="a learning run's --json file from an earlier rl-check: shown in the summary and plot")
     p.add_argument("--workdir", default="", help="server logs (default: a temporary directory)")
+    # The trainer (fp32 weights, gradients, Adam state) shares the machine with each server:
+    # a server sizing its KV pool from free memory would take what the trainer needs.
+    p.add_argument("--server-kv-gb", type=float, default=1.0,
+                   help="KV cache of each server, GB (its rollouts need far less than 1 GB)")
 
 
 @dataclass(slots=True)
@@ -83,6 +89,7 @@ def _runs(a: argparse.Namespace) -> dict[str, tuple[tuple[str, ...], list[RunCon
 async def run_all(a: argparse.Namespace, model_dir: Path, workdir: Path) -> dict[str, RunResult]:
     results: dict[str, RunResult] = {}
     for name, (flags, configs) in _runs(a).items():
+        flags = ("--kv-cache-memory-gb", str(a.server_kv_gb), *flags)
         with server(model_dir, flags, workdir / f"server-{name}.log") as srv:
             for cfg in configs:
                 results[cfg.name] = await run_on_server(cfg, model_dir, srv.url)
@@ -127,6 +134,24 @@ def verdict(c: Control, right: Control | None) -> tuple[str, bool]:
     return f"{head}  {ratio:9.1f}x right: {'FLAGGED' if ok else 'NOT FLAGGED (FAIL)'}", ok
 
 
+def save_runs(results: dict[str, RunResult], path: Path) -> None:
+    """Every run's configuration, timings and per-step figures, as JSON."""
+    path.write_text(json.dumps({n: {"config": asdict(r.config), "wall_s": r.wall_s, "transfer_s": r.transfer_s,
+                                    "steps": {k: [m.as_dict() for m in v] for k, v in r.steps.items()}}
+                                for n, r in results.items()}, indent=1))
+
+
+def load_run(path: Path, name: str) -> RunResult:
+    """Run `name` of an rl-check --json file."""
+    saved = json.loads(path.read_text())
+    if name not in saved:
+        raise SystemExit(f"{path}: no run named {name!r} (it has {sorted(saved)})")
+    run = saved[name]
+    steps = {k: [StepMetrics(**{**m, "tokens_per_version": {int(v): n for v, n in m["tokens_per_version"].items()}})
+                 for m in series] for k, series in run["steps"].items()}
+    return RunResult(RunConfig(**run["config"]), steps, run["transfer_s"], run["wall_s"])
+
+
 def run_rl_check(a: argparse.Namespace) -> int:
     from asyncengine.model_files import resolve_model
 
@@ -149,14 +174,16 @@ def run_rl_check(a: argparse.Namespace) -> int:
         t = sorted(r.transfer_s)
         print(f"{name:27s} weight sync per step (start..finish): median {1000 * t[len(t) // 2]:.0f} ms, "
               f"max {1000 * t[-1]:.0f} ms; run wall time {r.wall_s:.0f} s")
+    if a.learn_json and "learn" not in results:
+        results["learn"] = load_run(Path(a.learn_json), "learn")
+        print(f"learning run from {a.learn_json}: {results['learn'].config}")
     if "learn" in results:
         rewards = [m.mean_reward for m in results["learn"].steps["right"]]
         k = max(1, len(rewards) // 4)
         print(f"learning: mean reward per step {' '.join(f'{x:.2f}' for x in rewards)}; first {k} steps "
               f"{sum(rewards[:k]) / k:.3f} -> last {k} steps {sum(rewards[-k:]) / k:.3f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({n: {k: [m.as_dict() for m in v] for k, v in r.steps.items()}
-                                            for n, r in results.items()}, indent=1))
+        save_runs(results, Path(a.json))
     if a.plot:
         from asyncengine.rl.plot import plot_controls
 

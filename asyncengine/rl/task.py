@@ -1,7 +1,10 @@
 """A procedural reward task: small additions, answered with a number.
 
-"What is 3 + 5?" -> reward 1.0 when the first integer of the answer is the sum, less
-the further off another number is, 0.0 without a number.
+"What is 3 + 5?" -> reward 1.0 when the last integer of the answer is the sum (the answer
+a reply ends on, as GSM8K-style graders read it), less the further off it is, 0.0 without a
+number. SmolLM2-135M-Instruct restates the problem first ("To add 3 and 5, ... = 8"), so it
+starts near 20% right with 32 tokens (often cut off before its answer): a reply that gets to
+the point sooner scores more, which is what the learning run can teach it.
 """
 from __future__ import annotations
 
@@ -23,12 +26,12 @@ class Problem:
         return f"What is {self.a} + {self.b}?"
 
     def reward(self, answer: str) -> float:
-        """1 for the right sum as the first number, 0.5 / (1 + its error) for a wrong one
+        """1 for the right sum as the last number, 0.5 / (1 + its error) for a wrong one
         (a dense signal: nearer is better), 0 for none."""
-        m = _INT.search(answer)
-        if m is None:
+        numbers = _INT.findall(answer)
+        if not numbers:
             return 0.0
-        error = abs(int(m.group()) - (self.a + self.b))
+        error = abs(int(numbers[-1]) - (self.a + self.b))
         return 1.0 if error == 0 else 0.5 / (1 + error)
 
 
