@@ -37,6 +37,7 @@ namespace {
 constexpr int kGroup = 6;           // 16-column panels per packed group (the layout)
 constexpr int kRows = 8;            // rows per register tile
 constexpr int kPanels = 3;          // panels per register tile (divides kGroup)
+constexpr int kWideRows = 4;        // tiles of at most this many rows span the whole group
 constexpr int64_t kPrefetchK = 64;  // how far ahead (in k) a tile prefetches its weights into L1
 
 // Where panel group g's weights start: every group before it is full.
@@ -110,8 +111,11 @@ struct Gemm {
 
   template <int R>
   void tile_rows(int64_t r0, int64_t p0, int64_t np, const float* pf, int64_t pf_lines) const {
-    static_assert(kPanels == 3, "the switch below lists 1..kPanels");
+    static_assert(kPanels == 3 && kGroup == 6, "the switch below lists 1..kGroup");
     switch (np) {
+      case 6: if constexpr (R <= kWideRows) return tile<R, 6>(r0, p0, pf, pf_lines);
+      case 5: if constexpr (R <= kWideRows) return tile<R, 5>(r0, p0, pf, pf_lines);
+      case 4: if constexpr (R <= kWideRows) return tile<R, 4>(r0, p0, pf, pf_lines);
       case 3: return tile<R, 3>(r0, p0, pf, pf_lines);
       case 2: return tile<R, 2>(r0, p0, pf, pf_lines);
       default: return tile<R, 1>(r0, p0, pf, pf_lines);
@@ -136,15 +140,23 @@ struct Gemm {
   // thread reads after this task) are prefetched into L2, a share per tile.
   void task(int64_t r0, int64_t r1, int64_t g, const float* next, int64_t next_lines) const {
     const int64_t p_begin = g * kGroup, p_end = std::min(panels, p_begin + kGroup);
-    const int64_t tiles = (r1 - r0 + kRows - 1) / kRows * ((p_end - p_begin + kPanels - 1) / kPanels);
+    // Up to kWideRows rows (decode): one tile over the whole group, so it reads the
+    // group's weights in one sequential pass and still keeps 6 x rows chains in flight.
+    auto width = [](int64_t rows) { return rows <= kWideRows ? kGroup : kPanels; };
+    int64_t tiles = 0;
+    for (int64_t r = r0; r < r1; r += kRows) {
+      const int64_t step = width(std::min<int64_t>(kRows, r1 - r));
+      tiles += (p_end - p_begin + step - 1) / step;
+    }
     const int64_t share = (next_lines + tiles - 1) / tiles;
     int64_t i = 0;
-    for (int64_t r = r0; r < r1; r += kRows)
-      for (int64_t p = p_begin; p < p_end; p += kPanels, ++i) {
+    for (int64_t r = r0; r < r1; r += kRows) {
+      const int64_t rows = std::min<int64_t>(kRows, r1 - r), step = width(rows);
+      for (int64_t p = p_begin; p < p_end; p += step, ++i) {
         const int64_t q0 = std::min(next_lines, i * share), q1 = std::min(next_lines, q0 + share);
-        tile_any(r, std::min<int64_t>(kRows, r1 - r), p, std::min<int64_t>(kPanels, p_end - p), next + q0 * kLanes,
-                 q1 - q0);
+        tile_any(r, rows, p, std::min<int64_t>(step, p_end - p), next + q0 * kLanes, q1 - q0);
       }
+    }
   }
 };
 
