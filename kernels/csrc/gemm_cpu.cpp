@@ -16,9 +16,11 @@
 // whole K, so no partial sum is stored and reloaded. A group's weights (K x 384 B: 221 KB
 // at K = 576) stay in L2 while every row of the task passes over them; each tile streams
 // its weights from L2 with a software prefetch 64 k ahead, and the next group is
-// prefetched into L2 while this one is computed. Measured (1 thread, CPU time, SmolLM2's
-// shapes; bench/gemm.py --cpu-time): 64 rows 77% -> 81% of the FMA peak, 512 rows 61-64%
-// -> 70-73% against the 4 x 6 tile over 64-k blocks this replaced.
+// prefetched into L2 while this one is computed. Tiles of up to 4 rows (decode) span the
+// whole group instead. Measured on a shared 2-core machine (1 thread, best CPU time per
+// layer over SmolLM2's shapes, old and new alternated in one process): 64 rows 67-77% ->
+// 70-81% of the FMA peak, 512 rows 55-64% -> 65-73%, 4 rows +37%, against the 4 x 6 tile
+// over 64-k blocks this replaced (same bits).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
