@@ -17,6 +17,13 @@ forces it); default: the one the engine picks here.
     python bench/gemm.py --rows 1,64 --rounds 5
     python bench/gemm.py --dtype bfloat16 --rows 32,64,512
     python bench/gemm.py --dtype bfloat16 --bf16-kernel avx512 --rounds 5
+    python bench/gemm.py --cpu-time --threads 1   # on a shared machine: see below
+
+--cpu-time: also the rate over the process's CPU time (all threads; spin-waits count) x
+threads, next to the FMA peak measured the same way (sol_probe_cpu.cpp's register-only
+loop): on a machine shared with other processes, wall time also counts the time others
+held the cores; CPU time does not (it still pays their cache pollution, so it is a lower
+bound of the quiet figure). --threads sets torch's intra-op threads for the run.
 """
 from __future__ import annotations
 
@@ -39,12 +46,19 @@ HEAD_SHAPE = (49152, 576)
 NUM_LAYERS = 30
 
 
-def _step_ms(run: Callable[[], None], repeats: int) -> float:
+def _step_ms(run: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """(wall ms, process CPU ms / threads) per step."""
     run()  # warm-up
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         run()
-    return (time.perf_counter() - t) / repeats * 1e3
+    cpu = (time.process_time() - c) / torch.get_num_threads()
+    return (time.perf_counter() - t) / repeats * 1e3, cpu / repeats * 1e3
+
+
+def _fma_peak_cpu_gflops() -> float:
+    """The FMA peak over the threads' CPU time (best of 3 probes), GFLOP/s."""
+    return max(torch.ops.asyncengine_cpu.fma_peak_fp32(10_000_000)[1] for _ in range(3)) / 1e9
 
 
 def main() -> None:
@@ -54,7 +68,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="steps timed per measurement")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--bf16-kernel", choices=("amx", "avx512"), default=None)
+    ap.add_argument("--cpu-time", action="store_true", help="also rates over CPU time, vs the FMA peak")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     a = ap.parse_args()
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     if not attention_cpu.available():
         raise SystemExit("the compiled CPU ops are not available (no C++ compiler?)")
     bf16 = a.dtype == "bfloat16"
@@ -72,6 +90,9 @@ def main() -> None:
     name = f"oneDNN x{DEFAULT_GEMM_TILE_ROWS} rows" if bf16 else "torch.mm"
     mb = sum(w.numel() * w.element_size() for w in weights) / 1e6
     print(f"threads {torch.get_num_threads()}; ours: {kernel if bf16 else 'fp32 FMA'}; {mb:.0f} MB of {a.dtype} weights")
+    peak = _fma_peak_cpu_gflops() if a.cpu_time else 0.0
+    if a.cpu_time:
+        print(f"fp32 FMA peak over CPU time: {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
     for m in (int(r) for r in a.rows.split(",")):
         xs = {k: torch.randn(m, k).to(dtype) for k in {k for _, k in shapes}}  # [M, K]
         gflop = 2 * m * sum(n * k for n, k in shapes) / 1e9
@@ -92,12 +113,17 @@ def main() -> None:
 
         for r in range(a.rounds):
             if r % 2 == 0:  # the side that runs first alternates each round
-                t_ours, t_lib = _step_ms(ours, a.repeats), _step_ms(lib, a.repeats)
+                (t_ours, c_ours), (t_lib, c_lib) = _step_ms(ours, a.repeats), _step_ms(lib, a.repeats)
             else:
-                t_lib, t_ours = _step_ms(lib, a.repeats), _step_ms(ours, a.repeats)
-            print(f"rows {m:4d} round {r}: ours {t_ours:7.1f} ms ({gflop / t_ours * 1e3:6.1f} GFLOP/s) | "
-                  f"{name} {t_lib:7.1f} ms ({gflop / t_lib * 1e3:6.1f} GFLOP/s) | "
-                  f"ours/library time {t_ours / t_lib:.2f}", flush=True)
+                (t_lib, c_lib), (t_ours, c_ours) = _step_ms(lib, a.repeats), _step_ms(ours, a.repeats)
+            line = (f"rows {m:4d} round {r}: ours {t_ours:7.1f} ms ({gflop / t_ours * 1e3:6.1f} GFLOP/s) | "
+                    f"{name} {t_lib:7.1f} ms ({gflop / t_lib * 1e3:6.1f} GFLOP/s) | "
+                    f"ours/library time {t_ours / t_lib:.2f}")
+            if a.cpu_time:
+                ours_c, lib_c = gflop / c_ours * 1e3, gflop / c_lib * 1e3
+                line += (f" || CPU time: ours {ours_c:6.1f} GFLOP/s ({100 * ours_c / peak:4.1f}% of peak), "
+                         f"{name} {lib_c:6.1f} ({100 * lib_c / peak:4.1f}%)")
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ import torch
 
 from asyncengine.models.llama import silu_mul
 from kernels.attention_cpu import (
-    new_kv_cache, pack_linear_weight, packed_linear_cpu, rms_norm_cpu, rope_store_kv_cpu, silu_mul_cpu, store_kv_cpu,
+    load, new_kv_cache, pack_linear_weight, packed_linear_cpu, rms_norm_cpu, rope_store_kv_cpu, silu_mul_cpu, store_kv_cpu,
 )
 from kernels.rmsnorm import rms_norm_torch
 from kernels.rope import apply_rope_torch, rope_cos_sin
-from tests.invariance_harness import rows_invariant
+from tests.invariance_harness import num_threads, rows_invariant
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -103,6 +103,45 @@ def test_packed_linear_matches_float64_and_is_row_invariant(k: int, n: int) -> N
         scale = x.double().abs() @ w.double().abs().t()  # the magnitude rounding acts on
         assert ((got.double() - want).abs() <= 2e-7 * k**0.5 * scale + 1e-6).all()
         assert rows_invariant(lambda t: packed_linear_cpu(t, packed, bias, n), x)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)  # torch.equal would take -0.0 for +0.0
+
+
+@pytest.mark.parametrize("m,k,n", [(150, 576, 4000), (70, 1536, 72), (9, 33, 17), (1, 1, 40), (23, 64, 96)])
+def test_packed_linear_is_bitwise_the_scalar_fma_chain(m: int, k: int, n: int) -> None:
+    """The kernel's contract, bit for bit: y[i, c] = one FMA chain over k ascending from
+    +0, then + bias, as a scalar loop (linear_fma_reference) computes it: every register
+    tile (8-row and 3-panel ones, their row and panel tails, partial groups) on 1 and 2
+    threads, including signed zeros, infinities and NaN."""
+    load()
+    ref = torch.ops.asyncengine_cpu.linear_fma_reference
+    g = torch.Generator().manual_seed(m * k + n)
+    w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(m, k, generator=g)
+    x[0, :] = -0.0  # products -0: the chain from +0 must give +0, not -0
+    if m > 2:
+        x[1, k // 2], x[2, 0] = float("inf"), float("nan")
+    w[n // 2, :] = -0.0
+    packed = pack_linear_weight(w)
+    for threads in (1, 2):
+        with num_threads(threads):
+            for bias in (None, b):
+                got, want = packed_linear_cpu(x, packed, bias, n), ref(x, w, bias)
+                assert torch.equal(_bits(got), _bits(want))
+    assert _bits(packed_linear_cpu(x, packed, None, n))[0].eq(0).all()  # +0.0 exactly
+
+
+def test_fma_reference_matches_float64() -> None:
+    """The scalar reference itself is the sgemm-accurate chain (checked independently of
+    any kernel against float64), so the bitwise test above pins the right numbers."""
+    load()
+    g = torch.Generator().manual_seed(5)
+    w, b, x = torch.randn(40, 300, generator=g), torch.randn(40, generator=g), torch.randn(11, 300, generator=g)
+    got = torch.ops.asyncengine_cpu.linear_fma_reference(x, w, b).double()
+    want = x.double() @ w.double().t() + b.double()
+    scale = x.double().abs() @ w.double().abs().t()
+    assert ((got - want).abs() <= 2e-7 * 300**0.5 * scale + 1e-6).all()
 
 
 def test_packed_linear_rejects_mismatched_shapes_and_other_dtypes() -> None:
