@@ -307,21 +307,21 @@ class AsyncEngine:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        outs = self.core.begin_step()
         if self.config.async_scheduling:
-            # The previous step's outputs (built while this forward runs) go out now; the
-            # stats already counted that step (taken after its commit).
+            # The previous step's outputs, built while this step's forward runs, go out
+            # before it ends; the stats already counted that step (taken after its commit).
+            outs = self.core.begin_step()
             self._deliver(outs)
             self.core.end_step()
             self._stats = self.core.stats()
             self._observe(time.perf_counter() - t0, outs)
             return
-        self.core.end_step()
-        outs += self.core.flush()
+        outs = self.core.step()
+        elapsed = time.perf_counter() - t0
         # Stats and the observer first: a caller woken by its final output must see them
         # up to date (a /metrics scrape right after a response counts its last step).
         self._stats = self.core.stats()
-        self._observe(time.perf_counter() - t0, outs)
+        self._observe(elapsed, outs)
         self._deliver(outs)
 
     def _observe(self, elapsed: float, outs: list[RequestOutput]) -> None:

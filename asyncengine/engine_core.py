@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from asyncengine.block_pool import BlockPool
+from asyncengine.checkpoint_info import eos_token_ids, load_tokenizer
 from asyncengine.config import EngineConfig, ModelInfo
 from asyncengine.detokenizer import IncrementalDetokenizer
 from asyncengine.forward_thread import ForwardResult, ForwardThread
@@ -51,7 +52,7 @@ class EngineCore:
         self.config = config
         self.model_dir: Path = resolve_model(config.model)
         self.model, hf_config = load_model(self.model_dir, config)
-        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.model_dir)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
         args = self.model.args
         max_len = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
         self.model_info = ModelInfo(
@@ -60,7 +61,7 @@ class EngineCore:
             head_dim=args.head_dim,
             vocab_size=args.vocab_size,
             max_model_len=max_len,
-            eos_token_ids=_eos_ids(self.model_dir, hf_config, self.tokenizer),
+            eos_token_ids=eos_token_ids(self.model_dir, hf_config, self.tokenizer),
         )
         per_block = ModelRunner.kv_bytes_per_block(args, config.block_size, config.dtype)
         num_blocks = kv_pool_blocks(config, per_block, max_len)
@@ -197,8 +198,8 @@ class EngineCore:
             self.faults.before_step(self.num_steps)
         expired = self.expire_waiting()
         sched = self.scheduler.schedule()
-        launch = self._forward is not None and bool(sched.scheduled)
-        self._inflight = (sched, self._forward.submit(sched) if launch else None)  # type: ignore[union-attr]
+        future = self._forward.submit(sched) if self._forward is not None and sched.scheduled else None
+        self._inflight = (sched, future)
         return expired + self.flush()
 
     def end_step(self) -> None:
@@ -401,32 +402,3 @@ class EngineCore:
             "num_failed": self.num_failed,
             "num_queue_timeouts": self.num_queue_timeouts,
         }
-
-
-def _load_tokenizer(model_dir: Path) -> Any | None:
-    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-def _eos_ids(model_dir: Path, hf_config: Any, tokenizer: Any | None) -> tuple[int, ...]:
-    ids: set[int] = set()
-    for source in (hf_config, _generation_config(model_dir)):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return tuple(sorted(ids))
-
-
-def _generation_config(model_dir: Path) -> Any | None:
-    if not (model_dir / "generation_config.json").exists():
-        return None
-    from transformers import GenerationConfig
-
-    return GenerationConfig.from_pretrained(str(model_dir))
