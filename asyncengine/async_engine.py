@@ -263,6 +263,8 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while (commands := self._next_commands()) is not None:
+                if commands:  # a step boundary: the last step's outputs reach their streams first
+                    self._deliver(self.core.flush())
                 for cmd in commands:
                     self._apply(cmd)
                 # Queued requests expire while paused too.
@@ -273,6 +275,7 @@ class AsyncEngine:
                     self._step()
                 self._check_drained()
             self._deliver(self.core.abort(list(self._streams)))
+            self.core.close()
             self._fail_pending(EngineDeadError("the engine is shut down"))
         except BaseException as exc:  # a fatal error must not hang any client
             with self._cond:
@@ -304,18 +307,30 @@ class AsyncEngine:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
+        if self.config.async_scheduling:
+            # The previous step's outputs, built while this step's forward runs, go out
+            # before it ends; the stats already counted that step (taken after its commit).
+            outs = self.core.begin_step()
+            self._deliver(outs)
+            self.core.end_step()
+            self._stats = self.core.stats()
+            self._observe(time.perf_counter() - t0, outs)
+            return
         outs = self.core.step()
         elapsed = time.perf_counter() - t0
-        self.num_steps += 1
         # Stats and the observer first: a caller woken by its final output must see them
         # up to date (a /metrics scrape right after a response counts its last step).
         self._stats = self.core.stats()
+        self._observe(elapsed, outs)
+        self._deliver(outs)
+
+    def _observe(self, elapsed: float, outs: list[RequestOutput]) -> None:
+        self.num_steps += 1
         if self.step_observer is not None:
             try:
                 self.step_observer(elapsed, sum(len(o.token_ids) for o in outs), len(outs))
             except Exception:  # metrics must never take the engine down
                 log.exception("step observer failed")
-        self._deliver(outs)
 
     def _apply(self, cmd: _Command) -> None:
         try:

@@ -25,6 +25,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--non-deterministic", action="store_true", help="allow faster batch-dependent paths")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="build and deliver a step's outputs while the next forward runs (same outputs)")
     p.add_argument("--gemm-tile-rows", type=int, default=d.gemm_tile_rows,
                    help="rows per BLAS GEMM call in deterministic mode: bf16, torch backend (default %(default)s)")
     p.add_argument("--kernel-backend", default=d.kernel_backend, choices=["auto", "cpu", "torch", "triton"])
@@ -52,6 +54,7 @@ def config_from_args(a: argparse.Namespace) -> EngineConfig:
         enable_chunked_prefill=not a.no_chunked_prefill,
         enable_prefix_caching=not a.no_prefix_caching,
         deterministic=not a.non_deterministic,
+        async_scheduling=a.async_scheduling,
         gemm_tile_rows=a.gemm_tile_rows,
         kernel_backend=a.kernel_backend,
         num_threads=a.num_threads,

@@ -48,6 +48,11 @@ class EngineConfig:
     # batches faster and small ones slower. (The CPU backend's own GEMMs, fp32 and bf16
     # on AMX, need none.)
     gemm_tile_rows: int = 64
+    # Async scheduling: a step's output side (detokenizing requests without stop strings,
+    # building and delivering RequestOutputs) runs while the next step's forward runs on a
+    # forward thread. Every stop decision is still taken before the next step is scheduled,
+    # so outputs are bitwise those of sync scheduling (tests/test_async_scheduling.py).
+    async_scheduling: bool = False
     # Which implementation of the hot ops runs: auto = Triton on CUDA; on CPU the compiled
     # CPU attention op (kernels/attention_cpu.py) with torch for the rest, or plain torch
     # if that op cannot be built here.

@@ -4,12 +4,15 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
 from asyncengine.block_pool import BlockPool
+from asyncengine.checkpoint_info import eos_token_ids, load_tokenizer
 from asyncengine.config import EngineConfig, ModelInfo
 from asyncengine.detokenizer import IncrementalDetokenizer
+from asyncengine.forward_thread import ForwardResult, ForwardThread
 from asyncengine.kv_budget import kv_pool_blocks
 from asyncengine.kv_cache_manager import KVCacheManager
 from asyncengine.model_files import resolve_model
@@ -24,6 +27,8 @@ from asyncengine.structured.manager import StructuredOutputs
 
 
 UpdateMode = Literal["keep", "recompute", "abort"]
+# A committed request's output to build: its request and detokenizer, or built already (a failure).
+_Pending = RequestOutput | tuple[Request, IncrementalDetokenizer | None]
 
 
 class EngineOverloadedError(RuntimeError):
@@ -47,7 +52,7 @@ class EngineCore:
         self.config = config
         self.model_dir: Path = resolve_model(config.model)
         self.model, hf_config = load_model(self.model_dir, config)
-        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.model_dir)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
         args = self.model.args
         max_len = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
         self.model_info = ModelInfo(
@@ -56,7 +61,7 @@ class EngineCore:
             head_dim=args.head_dim,
             vocab_size=args.vocab_size,
             max_model_len=max_len,
-            eos_token_ids=_eos_ids(self.model_dir, hf_config, self.tokenizer),
+            eos_token_ids=eos_token_ids(self.model_dir, hf_config, self.tokenizer),
         )
         per_block = ModelRunner.kv_bytes_per_block(args, config.block_size, config.dtype)
         num_blocks = kv_pool_blocks(config, per_block, max_len)
@@ -77,6 +82,11 @@ class EngineCore:
         self.num_aborted = 0
         self.num_failed = 0
         self.num_queue_timeouts = 0
+        # Async scheduling: the forward thread, the step between begin_step and end_step
+        # (its future when on the forward thread), and the committed step's outputs to build.
+        self._forward = ForwardThread(self.runner) if config.async_scheduling else None
+        self._inflight: tuple[SchedulerOutput, Future[ForwardResult] | None] | None = None
+        self._pending: list[_Pending] = []
 
     # -- requests ---------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -126,14 +136,15 @@ class EngineCore:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none", "stop")
 
     def abort(self, request_ids: Iterable[str]) -> list[RequestOutput]:
-        """Finish the given requests with finish_reason "abort"; unknown ids are ignored."""
-        outs = []
+        """Finish the given requests with finish_reason "abort"; unknown ids are ignored.
+        The outputs not yet returned (async scheduling) come first."""
+        outs = self.flush()
         for rid in request_ids:
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
-            outs.append(self._make_output(req))
+            outs.append(self._make_output(req, self.detokenizers.get(rid)))
             self._forget(req)
             self.num_aborted += 1
         return outs
@@ -148,12 +159,16 @@ class EngineCore:
         return [self._fail(r, "queue_timeout", f"the request waited {now - r.arrival_time:.2f} s in the queue, "
                                                f"over max_queue_seconds={limit}") for r in late]
 
-    def _fail(self, req: Request, code: str, message: str) -> RequestOutput:
-        """Finish a request with an error: its blocks are freed, and the KV of the step that
-        failed never enters the prefix cache."""
+    def _fail(
+        self, req: Request, code: str, message: str, detok: IncrementalDetokenizer | None = None
+    ) -> RequestOutput:
+        """Finish a request with an error (also one that flush() finds broken after its
+        stop): its blocks are freed, and the KV of the step that failed never enters the
+        prefix cache."""
+        detok = detok or self.detokenizers.get(req.request_id)
         self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
         req.error = (code, message)
-        out = self._make_output(req)
+        out = self._make_output(req, detok)
         out.error, out.error_code = message, code
         self._forget(req)
         if code == "queue_timeout":
@@ -163,39 +178,84 @@ class EngineCore:
         return out
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests to run, or outputs of a committed step not yet returned."""
+        return self.scheduler.has_unfinished() or bool(self._pending)
 
     # -- the step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """schedule -> execute -> commit -> outputs. With async_scheduling the outputs are
+        the previous step's, built while this step's forward ran; the last ones come from
+        a step() with nothing left to schedule (has_unfinished() counts them)."""
+        outputs = self.begin_step()
+        self.end_step()
+        return outputs if self.config.async_scheduling else outputs + self.flush()
+
+    def begin_step(self) -> list[RequestOutput]:
+        """Schedule a step and start its forward (on the forward thread with async
+        scheduling, else in end_step); return the outputs not yet returned, built meanwhile."""
         self.num_steps += 1
         if self.faults is not None:
             self.faults.before_step(self.num_steps)
         expired = self.expire_waiting()
         sched = self.scheduler.schedule()
+        future = self._forward.submit(sched) if self._forward is not None and sched.scheduled else None
+        self._inflight = (sched, future)
+        return expired + self.flush()
+
+    def end_step(self) -> None:
+        """Wait for the step's forward and commit it: tokens appended, stops decided,
+        finished requests' blocks freed. Its outputs are built by the next flush()."""
+        assert self._inflight is not None, "end_step() without begin_step()"
+        sched, future = self._inflight
+        self._inflight = None
         # A request whose forward fails (or whose logits are not finite) fails alone.
-        runner_out, forward_failed = execute_isolated(self.runner, sched)
+        runner_out, forward_failed = future.result() if future is not None else execute_isolated(self.runner, sched)
         failed = {rid: ("nonfinite_logits", msg) for rid, msg in runner_out.failed.items()}
         failed.update((rid, ("forward_error", msg)) for rid, msg in forward_failed.items())
-        return expired + self._update(sched, runner_out, failed)
+        self._pending = self._commit(sched, runner_out, failed)
 
-    def _update(
-        self, sched: SchedulerOutput, out: ModelRunnerOutput, failed: dict[str, tuple[str, str]]
-    ) -> list[RequestOutput]:
+    def flush(self) -> list[RequestOutput]:
+        """The committed step's outputs not yet returned (detokenized here for requests
+        without stop strings). A request whose text fails now fails here, one step late
+        for scheduling (the next step may have computed it: that token is discarded)."""
+        pending, self._pending = self._pending, []
         outputs = []
-        for s in sched.scheduled:
-            req = s.request
-            if req.request_id in failed:
-                outputs.append(self._fail(req, *failed[req.request_id]))
+        for item in pending:
+            if isinstance(item, RequestOutput):
+                outputs.append(item)
                 continue
-            try:
-                self._update_one(s, req, out, outputs)
-            except _RequestFault as exc:
-                outputs.append(self._fail(req, exc.code, str(exc)))
+            req, detok = item
+            if detok is not None and not req.params.stop:
+                try:
+                    for token in req.all_token_ids[req.num_prompt_tokens + req.num_reported_tokens :]:
+                        self._detokenize(req, detok, token)
+                except _RequestFault as exc:
+                    outputs.append(self._fail(req, exc.code, str(exc), detok))
+                    continue
+            outputs.append(self._make_output(req, detok))
         return outputs
 
-    def _update_one(
-        self, s: ScheduledRequest, req: Request, out: ModelRunnerOutput, outputs: list[RequestOutput]
-    ) -> None:
+    def _commit(
+        self, sched: SchedulerOutput, out: ModelRunnerOutput, failed: dict[str, tuple[str, str]]
+    ) -> list[_Pending]:
+        pending: list[_Pending] = []
+        for s in sched.scheduled:
+            req = s.request
+            if req.is_finished:  # failed or aborted while its forward ran: nothing of it is kept
+                continue
+            if req.request_id in failed:
+                pending.append(self._fail(req, *failed[req.request_id]))
+                continue
+            try:
+                item = self._commit_one(s, req, out)
+            except _RequestFault as exc:
+                pending.append(self._fail(req, exc.code, str(exc)))
+                continue
+            if item is not None:
+                pending.append(item)
+        return pending
+
+    def _commit_one(self, s: ScheduledRequest, req: Request, out: ModelRunnerOutput) -> _Pending | None:
         req.advance(s.num_new_tokens, self.weight_version)  # KV of this step's weights
         # Before any finish frees the blocks: finished requests' blocks stay cached.
         self.kv.cache_full_blocks(req, req.kv_weight_version)
@@ -203,28 +263,34 @@ class EngineCore:
         if prompt_lp is not None:
             req.append_prompt_logprobs(prompt_lp)
         sample = out.samples.get(req.request_id)
+        detok = self.detokenizers.get(req.request_id)
         if sample is not None:
             req.append_sample(sample, self.weight_version)
             if req.grammar is not None:
                 req.grammar.accept(sample.token_id)
-            self._check_stop(req, sample.token_id)
+            # Only stop strings need the text to decide a stop: others detokenize in flush().
+            self._check_stop(req, sample.token_id, self._detokenize(req, detok, sample.token_id)
+                             if detok is not None and req.params.stop else None)
         elif req.params.max_tokens == 0 and req.num_computed_tokens == req.num_tokens:
             self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
-        if sample is not None or req.is_finished or (req.prompt_logprobs_done and not req.prompt_logprobs_sent
-                                                     and req.wants_prompt_logprobs):
-            outputs.append(self._make_output(req))
         if req.is_finished:
             self._forget(req)
+        if sample is not None or req.is_finished or (req.prompt_logprobs_done and not req.prompt_logprobs_sent
+                                                     and req.wants_prompt_logprobs):
+            return (req, detok)
+        return None
 
-    def _check_stop(self, req: Request, token: int) -> None:
-        sp = req.params
-        detok = self.detokenizers.get(req.request_id)
+    def _detokenize(self, req: Request, detok: IncrementalDetokenizer, token: int) -> str | None:
+        """Feed one output token; returns the stop string it completed, if any."""
         try:
             if self.faults is not None:
                 self.faults.before_detokenize(req.request_id)
-            stop_str = detok.add(token) if detok is not None else None
+            return detok.add(token)
         except Exception as exc:  # this request's text is broken: it fails, the batch goes on
             raise _RequestFault("detokenizer_error", f"detokenizing the output failed: {exc!r}") from exc
+
+    def _check_stop(self, req: Request, token: int, stop_str: str | None) -> None:
+        sp = req.params
         # EOS and stop tokens do not end a request before min_tokens outputs.
         can_stop = req.num_output_tokens >= sp.min_tokens
         if can_stop and not sp.ignore_eos and token in self.model_info.eos_token_ids:
@@ -238,12 +304,11 @@ class EngineCore:
         elif req.num_output_tokens >= sp.max_tokens or req.num_tokens >= self.model_info.max_model_len:
             self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
 
-    def _make_output(self, req: Request) -> RequestOutput:
+    def _make_output(self, req: Request, detok: IncrementalDetokenizer | None) -> RequestOutput:
         lo = req.num_reported_tokens
         hi = req.num_output_tokens
         req.num_reported_tokens = hi
         sp = req.params
-        detok = self.detokenizers.get(req.request_id)
         out = RequestOutput(
             request_id=req.request_id,
             token_ids=req.output_token_ids[lo:hi],
@@ -292,16 +357,19 @@ class EngineCore:
         nothing): e.g. a swap of weights staged aside (asyncengine/rl/staging.py)."""
         if mode not in ("keep", "recompute", "abort"):
             raise InvalidRequestError(f"mode must be keep, recompute or abort, got {mode!r}", "mode")
+        if self._inflight is not None:  # a step boundary is after the step in flight, never inside it
+            raise RuntimeError("weights can change only between end_step() and begin_step()")
+        earlier = self.flush()  # the previous step's outputs carry its weight version
         write()
         self.weight_version += 1
         if not self.config.unsafe_keep_prefix_cache_across_updates:
             self.scheduler.weight_version = self.weight_version  # the prefix-hash salt
             self.reset_prefix_cache()
         if mode == "abort":
-            return self.abort(list(self.requests))
+            return earlier + self.abort(list(self.requests))
         if mode == "recompute":
             self.scheduler.preempt_all()
-        return []
+        return earlier
 
     def weight_checksums(self) -> dict[str, str]:
         """sha256 per HF tensor name, of the weights as the engine holds them."""
@@ -311,6 +379,11 @@ class EngineCore:
 
     def reset_prefix_cache(self) -> None:
         self.scheduler.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Stop the forward thread (async scheduling); the engine must not step after."""
+        if self._forward is not None:
+            self._forward.close()
 
     def stats(self) -> dict[str, float]:
         kv = self.kv
@@ -330,32 +403,3 @@ class EngineCore:
             "num_failed": self.num_failed,
             "num_queue_timeouts": self.num_queue_timeouts,
         }
-
-
-def _load_tokenizer(model_dir: Path) -> Any | None:
-    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-def _eos_ids(model_dir: Path, hf_config: Any, tokenizer: Any | None) -> tuple[int, ...]:
-    ids: set[int] = set()
-    for source in (hf_config, _generation_config(model_dir)):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return tuple(sorted(ids))
-
-
-def _generation_config(model_dir: Path) -> Any | None:
-    if not (model_dir / "generation_config.json").exists():
-        return None
-    from transformers import GenerationConfig
-
-    return GenerationConfig.from_pretrained(str(model_dir))
