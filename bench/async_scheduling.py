@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from asyncengine.llm import LLM  # noqa: E402
 from asyncengine.model_files import resolve_model  # noqa: E402
 from asyncengine.sampling_params import SamplingParams  # noqa: E402
-from bench.throughput import workloads  # noqa: E402
+from bench.throughput import add_workload_args, workloads  # noqa: E402
 
 
 def timed_run(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -64,10 +64,7 @@ def bench_one(a: argparse.Namespace, dtype: str, name: str, prompts: list[list[i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--workloads", default="prefill,decode")
-    ap.add_argument("--scale", type=float, default=1.0, help="shrink prompts count and new tokens")
+    add_workload_args(ap)
     ap.add_argument("--rounds", type=int, default=3, help="alternate the two modes this many times")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     a = ap.parse_args()

@@ -187,12 +187,17 @@ def report(name: str, n: int, new: int, sol_s: float, rounds: list[dict[str, Sid
               f"{line({who: median_side(who) for who in rounds[0]})}{ratios}", flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    """The model, dtypes, workloads and scale flags (shared with bench/async_scheduling.py)."""
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--workloads", default="prefill,decode")
     ap.add_argument("--scale", type=float, default=1.0, help="shrink prompts count and new tokens")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_args(ap)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--non-deterministic", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
