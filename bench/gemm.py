@@ -10,7 +10,7 @@ rounds (this machine's speed drifts from second to second; compare within a roun
 --dtype bfloat16 (CPUs with AMX-BF16 or AVX512-BF16): the 30 layers in bf16 (212 MB; the
 engine keeps the head in fp32), our bf16 GEMM vs what the engine runs without it: oneDNN
 on its prepacked weight in deterministic mode's 64-row tiles. --bf16-kernel picks ours:
-amx (tile unit) or avx512 (VDPBF16PS, what CPUs without AMX run; on an AMX CPU this
+amx (tile unit) or avx512 (VDPBF16PS on AMD, widened-bf16 FMAs on Intel: what CPUs without AMX run; on an AMX CPU this
 forces it); default: the one the engine picks here.
 
     python bench/gemm.py                 # fp32, rows 64 and 512, 3 rounds

@@ -227,7 +227,8 @@ def pack_linear_weight(w: torch.Tensor) -> torch.Tensor | None:
 
 def bf16_gemm_kernel() -> str | None:
     """The bf16 GEMM packed_linear_cpu runs on this CPU: "amx" (tile unit), "avx512"
-    (VDPBF16PS, e.g. AMD Zen 4 without AMX), or None (bf16 stays with oneDNN in row tiles)."""
+    (AVX512-BF16 without AMX: VDPBF16PS on AMD Zen 4, bf16 widened to fp32 FMAs on Intel,
+    where VDPBF16PS does half the multiply-adds of FMA), or None (bf16 stays with oneDNN in row tiles)."""
     load()
     if torch.ops.asyncengine_cpu.amx_available():
         return "amx"
@@ -238,8 +239,8 @@ def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor 
     """x: [T, K] @ W^T (+ bias) -> [T, n] in x's dtype, on a weight from pack_linear_weight.
     Each output element is computed by the same operations whatever the other rows (fp32:
     one FMA chain over K in order; bf16: AMX tile dot products over k-blocks in order, in
-    fp32, rounded once; or, without AMX, VDPBF16PS steps over k-pairs in order, in fp32,
-    rounded once), so rows are invariant to the batch by construction (no row tiles)."""
+    fp32, rounded once; or, without AMX, VDPBF16PS steps over k-pairs in order, or on Intel one FMA
+    per k on bf16 widened to fp32, in fp32, rounded once), so rows are invariant to the batch by construction (no row tiles)."""
     load()
     if packed.dtype == torch.bfloat16:
         op = (torch.ops.asyncengine_cpu.packed_linear_bf16 if bf16_gemm_kernel() == "amx"
