@@ -4,11 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from asyncengine.rl.check import load_run, save_runs
 from asyncengine.rl.loop import RunConfig, RunResult
 from asyncengine.rl.metrics import StepMetrics
 from asyncengine.rl.task import Problem, problems
+from asyncengine.rl.trainer import Rollout, Trainer
+from asyncengine.sampling_params import SamplingParams
 
 
 def test_reward_reads_the_last_number() -> None:
@@ -39,3 +42,23 @@ def test_saved_runs_load_back(tmp_path: Path) -> None:
     assert back == run
     with pytest.raises(SystemExit, match="no run named"):
         load_run(tmp_path / "runs.json", "zero-lr")
+
+
+def test_off_policy_tokens_outside_top_p_leave_the_weights_finite(llama_dir: Path) -> None:
+    """A token outside the trainer's current top-p support (sampled by older weights) has
+    logprob -inf: the GRPO step must skip it, not write NaN into every weight."""
+    params = SamplingParams(max_tokens=4, temperature=1.0, top_p=0.5)
+    trainer = Trainer(llama_dir, 1e-3, params)
+    prompt = [5, 9, 13]
+    with torch.no_grad():
+        logits = trainer.model(torch.tensor([prompt])).logits[0, -1]
+    top, bottom = int(logits.argmax()), int(logits.argmin())
+    good = Rollout(prompt, 0, token_ids=[top], weight_versions=[0], reward=1.0)
+    bad = Rollout(prompt, 0, token_ids=[bottom], weight_versions=[0], reward=0.0)  # outside the nucleus
+    lp = trainer.score(bad, per_token_versions=False)
+    assert torch.isneginf(lp).all()  # the case this guards against
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_step([good, bad])
+    after = list(trainer.model.parameters())
+    assert all(bool(torch.isfinite(p).all()) for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the in-support token still trained

@@ -74,8 +74,13 @@ class Trainer:
                 continue  # no signal in a group where every sample scored the same
             logits = self.model(torch.tensor([r.prompt + r.token_ids])).logits[0, len(r.prompt) - 1 : -1]
             lp = sequence_logprobs(logits, r.prompt, r.token_ids, self.params)["processed"]  # [N]
+            # A token sampled by older weights (in flight: one step off-policy) can fall outside
+            # the current top-p support: its logprob is -inf and its gradient NaN, which would
+            # poison every weight. It carries no gradient (its ratio is 0, as clipped).
+            inside = torch.isfinite(lp.detach())
+            lp = torch.where(inside, lp, torch.zeros_like(lp))
             ratio = torch.exp(lp - lp.detach())  # 1 in value; its gradient is that of lp
-            loss = -(ratio * a).sum() / num_tokens
+            loss = -(ratio * a * inside).sum() / num_tokens
             loss.backward()
             total += float(loss.detach())
         self.opt.step()
