@@ -238,7 +238,7 @@ def bf16_gemm_kernel() -> str | None:
 def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """x: [T, K] @ W^T (+ bias) -> [T, n] in x's dtype, on a weight from pack_linear_weight.
     Each output element is computed by the same operations whatever the other rows (fp32:
-    one FMA chain over K in order; bf16: AMX tile dot products over k-blocks in order, in
+    FMA chains over 64-k blocks, summed in order; bf16: AMX tile dot products over k-blocks in order, in
     fp32, rounded once; or, without AMX, VDPBF16PS steps over k-pairs in order, or on Intel one FMA
     per k on bf16 widened to fp32, in fp32, rounded once), so rows are invariant to the batch by construction (no row tiles)."""
     load()
