@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from asyncengine.async_engine import AsyncEngine
+from asyncengine.async_streams import RequestStream
 from asyncengine.config import EngineConfig
 from asyncengine.engine_core import EngineCore
 from asyncengine.models.weights import read_safetensors
@@ -197,23 +198,30 @@ def test_async_engine_bitwise_equal(eos_dir: Path) -> None:
 
 
 def test_async_engine_weight_update_at_a_step_boundary(llama_dir: Path, new_state: dict[str, torch.Tensor]) -> None:
-    N = 120
     """A weight update while four requests stream (admitted together, one token per step
     each): versions never go back, and all four switch at the same output index, i.e.
     at one step boundary (no step mixes versions)."""
+    N = 120
+
     async def main(engine: AsyncEngine) -> list[list[RequestOutput]]:
         sp = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
+        # Admitted while paused, so all four enter the same step: submitted one by one to a
+        # running engine, a later one could start a step after the others (then its switch
+        # index is one lower, though the switch is still at one step boundary).
+        await engine.pause("keep")
+        streams = [await engine.add_request([5 + i, 6, 7], sp) for i in range(4)]
         started = asyncio.Event()
 
-        async def one(i: int) -> list[RequestOutput]:
+        async def one(stream: RequestStream) -> list[RequestOutput]:
             outs = []
-            async for o in engine.generate([5 + i, 6, 7], sp):
+            async for o in stream:
                 outs.append(o)
                 if len(outs) == 3:
                     started.set()
             return outs
 
-        tasks = [asyncio.create_task(one(i)) for i in range(4)]
+        tasks = [asyncio.create_task(one(st)) for st in streams]
+        await engine.resume()
         await asyncio.wait_for(started.wait(), 60)
         assert await engine.update_weights(new_state, "keep") == 1
         return list(await asyncio.gather(*tasks))
