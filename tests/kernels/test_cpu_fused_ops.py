@@ -91,8 +91,8 @@ def test_rope_store_kv_rejects_out_of_range_slots() -> None:
 @pytest.mark.parametrize("k,n", [(64, 128), (33, 17), (576, 960), (1536, 576), (576, 4000)])
 def test_packed_linear_matches_float64_and_is_row_invariant(k: int, n: int) -> None:
     """FMA chains over 64-k blocks, summed in order: as accurate as a BLAS sgemm (error
-    scaled by the row's |x| . |w| mass), and bitwise the same row alone, among others, in any tile
-    position, on 1 or 2 threads, with and without bias."""
+    scaled by the row's |x| . |w| mass), and bitwise the same row alone, among others, in
+    any tile position, on 1 or 2 threads, with and without bias."""
     g = torch.Generator().manual_seed(k * n)
     w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(150, k, generator=g)
     packed = pack_linear_weight(w)
@@ -107,10 +107,10 @@ def test_packed_linear_matches_float64_and_is_row_invariant(k: int, n: int) -> N
 
 @pytest.mark.parametrize("k", [576, 1536])
 def test_packed_linear_rounds_at_most_half_a_sequential_sum(k: int) -> None:
-    """The k blocks are there for accuracy: one sequential sum over all of K (what the
-    kernel was before) drifted 2-4x farther from float64 through 30 layers than HF's
-    sgemm. At SmolLM2's K the blocked sums' RMS error is at most half a sequential sum's
-    (measured 0.36x at 576, 0.25x at 1536)."""
+    """The k blocks are there for accuracy (the kernel's former single chain over all of K
+    put SmolLM2's logprobs 2-4x farther from float64 than HF's sgemm): at SmolLM2's K the
+    blocked sums' RMS error is at most half a plain sequential sum's (mul then add, k
+    ascending; measured 0.36x at 576, 0.25x at 1536)."""
     g = torch.Generator().manual_seed(k)
     w, x = torch.randn(256, k, generator=g), torch.randn(64, k, generator=g)
     want = x.double() @ w.double().t()
@@ -133,9 +133,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def test_packed_linear_is_bitwise_the_scalar_fma_chain(m: int, k: int, n: int) -> None:
     """The kernel's contract, bit for bit: y[i, c] = the FMA chains over 64-k blocks (k
     ascending from +0) summed in block order from +0, then + bias, as a scalar loop
-    (linear_fma_reference) computes it: every register
-    tile (8-row and 3-panel ones, their row and panel tails, partial groups) on 1 and 2
-    threads, including signed zeros, infinities and NaN."""
+    (linear_fma_reference) computes it: every register tile (8-row and 3-panel ones, their
+    row and panel tails, partial groups) on 1 and 2 threads, including signed zeros,
+    infinities and NaN."""
     load()
     ref = torch.ops.asyncengine_cpu.linear_fma_reference
     g = torch.Generator().manual_seed(m * k + n)
