@@ -18,7 +18,6 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #include "vec16.h"
@@ -57,7 +56,9 @@ void rms_norm_rows(const T* x, const T* res, const T* w, T* y, T* new_res, int64
       T* nr = new_res ? new_res + r * h : nullptr;
       // r = residual + x in the model dtype (the operand order of HF's residual add).
       if (res) {
-        for (int64_t j = 0; j < h; ++j) nr[j] = static_cast<T>(static_cast<float>(res[r * h + j]) + static_cast<float>(xr[j]));
+        int64_t j = 0;
+        for (; j + kLanes <= h; j += kLanes) store16(nr + j, vadd(load16(res + r * h + j), load16(xr + j)));
+        for (; j < h; ++j) nr[j] = static_cast<T>(static_cast<float>(res[r * h + j]) + static_cast<float>(xr[j]));
         xr = nr;
       }
       V16 acc = vzero();
@@ -71,7 +72,10 @@ void rms_norm_rows(const T* x, const T* res, const T* w, T* y, T* new_res, int64
         acc = vfma(v, v, acc);
       }
       const float inv = 1.0f / std::sqrt(hsum(acc) / static_cast<float>(h) + eps);
-      for (int64_t j = 0; j < h; ++j)
+      const V16 inv16 = vsplat(inv);
+      for (j = 0; j + kLanes <= h; j += kLanes)
+        store16(y + r * h + j, vmul(load16(w + j), vround_to(vmul(load16(xr + j), inv16), xr)));
+      for (; j < h; ++j)
         y[r * h + j] = static_cast<T>(static_cast<float>(w[j]) * rnd<T>(static_cast<float>(xr[j]) * inv));
     }
   });
@@ -129,11 +133,9 @@ void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t inter) {
       for (int64_t j = 0; j < inter; j += kLanes) {
         const int64_t n = std::min<int64_t>(kLanes, inter - j);
         const V16 s = vsilu(n == kLanes ? load16(g + j) : load_n(g + j, n));
-        if constexpr (std::is_same_v<T, float>) {
-          if (n == kLanes) {  // fp32: silu(g) * u needs no intermediate rounding
-            vstore(o + j, vmul(s, vload(u + j)));
-            continue;
-          }
+        if (n == kLanes) {  // silu rounded to T, times u, rounded to T (as torch computes it)
+          store16(o + j, vmul(vround_to(s, g), load16(u + j)));
+          continue;
         }
         float sv[kLanes];
         vstore(sv, s);

@@ -106,3 +106,42 @@ inline V16 load16(const c10::BFloat16* p) {
   return vload(t);
 #endif
 }
+
+// fp32 -> bf16 bits exactly as c10::BFloat16(float) rounds: nearest even on the bit
+// pattern (subnormals kept, unlike VCVTNEPS2BF16, which treats them as zero), NaN ->
+// 0x7FC0. Lanes hold the 16 result bits in their low half.
+#if defined(__AVX512F__)
+inline __m512i bf16_bits(V16 a) {
+  const __m512i u = _mm512_castps_si512(a.v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
+  return _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0));
+}
+#endif
+
+// a rounded to T and back to fp32 (identity for float): the vector form of rnd<T>.
+inline V16 vround_to(V16 a, const float*) { return a; }
+inline V16 vround_to(V16 a, const c10::BFloat16*) {
+#if defined(__AVX512F__)
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(a), 16))};
+#else
+  float t[kLanes];
+  vstore(t, a);
+  for (int i = 0; i < kLanes; ++i) t[i] = static_cast<float>(c10::BFloat16(t[i]));
+  return vload(t);
+#endif
+}
+
+// 16 consecutive elements stored as T, each rounded as static_cast<T> does.
+inline void store16(float* p, V16 a) { vstore(p, a); }
+inline void store16(c10::BFloat16* p, V16 a) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(a)));
+#else
+  float t[kLanes];
+  vstore(t, a);
+  for (int i = 0; i < kLanes; ++i) p[i] = c10::BFloat16(t[i]);
+#endif
+}

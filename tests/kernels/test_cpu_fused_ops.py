@@ -42,6 +42,22 @@ def test_rms_norm_matches_torch_and_is_row_invariant(hidden: int, dtype: torch.d
     assert rows_invariant(lambda t: torch.cat(rms_norm_cpu(t[:, :hidden], w, 1e-5, t[:, hidden:]), dim=1), xr)
 
 
+def test_bf16_vector_rounding_is_torchs_on_ties_subnormals_and_specials() -> None:
+    """The residual add (one bf16 rounding of an fp32 sum, computed 16 lanes at a time)
+    equals torch's bit for bit, where a hardware conversion would differ: subnormal sums
+    (VCVTNEPS2BF16 treats them as zero), ties to even, infinities, signed zeros."""
+    f = torch.tensor([1e-39, -3e-40, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, float("nan"), float("inf"),
+                      -float("inf"), -0.0, 0.0, 3.0e38, 1.0, -2.5, 7e-39, 1.0 + 2.0**-9, -1e-45, 65504.0])
+    x = f.repeat(36).bfloat16().view(1, 576)  # every value in the 16-lane body
+    r = torch.zeros_like(x)
+    r[0, 2::16] = torch.tensor(2.0**-9).bfloat16()  # 1 + 2^-8 + 2^-9: a tie in fp32, rounds to even
+    _, new_r = rms_norm_cpu(x, torch.ones(576).bfloat16(), 1e-5, r)
+    want = (r.float() + x.float()).bfloat16()
+    nan = want.isnan()  # NaN stays NaN (the payload is c10's scalar one, 0x7FC0)
+    assert torch.equal(new_r.isnan(), nan) and nan.sum() == 36
+    assert torch.equal(new_r[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter", [40, 1536])
 def test_silu_mul_matches_exact_silu_and_is_row_invariant(inter: int, dtype: torch.dtype) -> None:
