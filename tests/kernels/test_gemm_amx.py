@@ -41,6 +41,22 @@ def test_amx_linear_matches_float64_and_is_row_invariant(k: int, n: int) -> None
         assert rows_invariant(lambda t: packed_linear_cpu(t, packed, bias, n), x)
 
 
+@pytest.mark.parametrize("m", [32, 64, 65, 1000])
+def test_amx_linear_same_bits_read_in_place_or_from_the_padded_copy(m: int) -> None:
+    """Full 32-row blocks of a contiguous x with K a multiple of 32 are read where they
+    lie, the rest from a zero-padded copy: each row's bits are those of the row alone
+    (always the copy), also for a strided x (all of it copied) and for rows taken in
+    several L2 chunks (1000 rows of K = 576: two)."""
+    g = torch.Generator().manual_seed(m)
+    w, b = torch.randn(96, 576, generator=g).bfloat16(), torch.randn(96, generator=g).bfloat16()
+    packed = pack_linear_weight(w)
+    wide = torch.randn(m, 600, generator=g).bfloat16()
+    x = wide[:, :576]  # strided rows
+    alone = torch.cat([packed_linear_cpu(x[i : i + 1].contiguous(), packed, b, 96) for i in range(m)])
+    assert torch.equal(packed_linear_cpu(x.contiguous(), packed, b, 96), alone)
+    assert torch.equal(packed_linear_cpu(x, packed, b, 96), alone)
+
+
 def test_amx_linear_rejects_bad_inputs() -> None:
     packed = pack_linear_weight(torch.randn(40, 24).bfloat16())
     assert packed is not None
