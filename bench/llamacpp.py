@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -108,6 +109,10 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+class PeerError(RuntimeError):
+    """llama-server refused or failed a request: the bench reports it and goes on without the peer."""
+
+
 class Server:
     """A llama-server child process on a free localhost port."""
 
@@ -121,7 +126,11 @@ class Server:
                "-np", str(SLOTS), "-c", str(SLOTS * _round_up(ctx_per_slot, 256)), "--cont-batching", "--no-cache-prompt",
                "--cache-reuse", "0", "--cache-ram", "0", "-t", str(threads), "-tb", str(threads),
                "--threads-http", str(SLOTS + 2), "-ctk", _KV_TYPES[dtype], "-ctv", _KV_TYPES[dtype],
-               "--no-webui", "--seed", "0"]
+               "--no-webui", "--seed", "0",
+               # Random-token text is returned as it is: with thought-tag extraction on, one
+               # fp32 decode completion of 512 tokens was answered with a 500 ("does not
+               # match the expected Content-only format") after it had been generated.
+               "--reasoning-format", "none"]
         env = {**os.environ, "LD_LIBRARY_PATH": str(binary.parent)}  # its bundled libraries
         self.log = log
         with log.open("wb") as out:
@@ -148,8 +157,11 @@ class Server:
                 "top_k": 1, "samplers": ["top_k"], "cache_prompt": False, "seed": 0, "stream": False}
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=3600) as r:
-            return int(json.load(r)["tokens_predicted"])
+        try:
+            with urllib.request.urlopen(req, timeout=3600) as r:
+                return int(json.load(r)["tokens_predicted"])
+        except urllib.error.HTTPError as e:
+            raise PeerError(f"llama-server answered {e.code}: {e.read().decode(errors='replace')[:300]}") from e
 
     def _proc_file(self, name: str) -> str:
         return Path(f"/proc/{self.proc.pid}/{name}").read_text()
@@ -185,7 +197,7 @@ def run_peer(server: Server, prompts: list[list[int]], new_tokens: int) -> tuple
         made = list(pool.map(lambda p: server.complete(p, new_tokens), prompts))
         wall, cpu = time.perf_counter() - t, server.cpu_seconds() - c
     if made != [new_tokens] * len(prompts):
-        raise RuntimeError(f"llama-server made {made} tokens, not {new_tokens} each")
+        raise PeerError(f"llama-server made {made} tokens, not {new_tokens} each")
     return wall, cpu, server.peak_rss_bytes()
 
 

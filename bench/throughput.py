@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from asyncengine.llm import LLM  # noqa: E402
 from asyncengine.model_files import resolve_model  # noqa: E402
 from asyncengine.sampling_params import SamplingParams  # noqa: E402
-from bench.llamacpp import Server, find_binary, prepared_ggufs, run_peer  # noqa: E402
+from bench.llamacpp import PeerError, Server, find_binary, prepared_ggufs, run_peer  # noqa: E402
 from bench.sol import Machine, ModelCost, measure_machine, peak_rss_bytes, reset_peak_rss, sol_seconds  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -151,8 +151,13 @@ def measure_round(a: argparse.Namespace, r: int, llm: LLM, model_dir: Path, dtyp
     }
     names = ["ours"] + ([] if a.skip_hf else ["HF"]) + ([] if peer is None else ["llama.cpp"])
     order = names[r % len(names):] + names[: r % len(names)]
-    sides = {name: runs[name]() for name in order}
-    return {name: sides[name] for name in names}
+    sides = {}
+    for name in order:
+        try:
+            sides[name] = runs[name]()
+        except PeerError as e:  # the peer's own failure: reported, and this round goes on without it
+            print(f"  llama.cpp failed this round, left out: {e}", flush=True)
+    return {name: sides[name] for name in names if name in sides}
 
 
 def report(name: str, n: int, new: int, sol_s: float, rounds: list[dict[str, Side]]) -> None:
@@ -181,10 +186,11 @@ def report(name: str, n: int, new: int, sol_s: float, rounds: list[dict[str, Sid
             sides = [r[who] for r in rounds]
             return Side(med(s.tok_s for s in sides), med(s.cpu_tok_s for s in sides), max(s.peak_rss for s in sides))
 
+        every = [who for who in rounds[0] if all(who in r for r in rounds)]
         ratios = "".join(f", median ours/{who} {med(r['ours'].tok_s / r[who].tok_s for r in rounds):.2f}x"
-                         for who in rounds[0] if who != "ours")
+                         for who in every if who != "ours")
         print(f"  {name:8s} medians over {len(rounds)} rounds (RSS: max): "
-              f"{line({who: median_side(who) for who in rounds[0]})}{ratios}", flush=True)
+              f"{line({who: median_side(who) for who in every})}{ratios}", flush=True)
 
 
 def add_workload_args(ap: argparse.ArgumentParser) -> None:
