@@ -34,18 +34,24 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
         if req.grammar is not None and req.params.greedy:  # the most likely allowed token
             greedy_tokens[r] = int(L.row_argmax(restricted[r : r + 1])[0])
 
-    results = []
+    tokens, rows = [], []
     for r, req in enumerate(requests):
         sp = req.params
         processed_row = restricted[r] - lse[r] if not sp.greedy or sp.logprobs is not None else None
-        if sp.greedy:
-            token = greedy_tokens[r]
-        else:
-            token = L.sample_from(processed_row, L.uniform(req.seed, req.num_output_tokens))
+        rows.append(processed_row)
+        tokens.append(greedy_tokens[r] if sp.greedy else
+                      L.sample_from(processed_row, L.uniform(req.seed, req.num_output_tokens)))
+    # Every row's processed logprob of its token in one gather: the same fp32 subtraction
+    # per row as restricted[r, token] - lse[r], without 2 x R scalar tensor ops.
+    chosen = torch.tensor(tokens, dtype=torch.int64)[:, None]  # [R, 1]
+    processed = (restricted.gather(1, chosen)[:, 0] - lse).tolist()
+    results = []
+    for r, req in enumerate(requests):
+        sp, token = req.params, tokens[r]
         if sp.logprobs_mode == "raw" and raw is not None:
             mode_row, logprob = raw[r], float(raw[r, token].item())
         else:
-            mode_row, logprob = processed_row, float((restricted[r, token] - lse[r]).item())
+            mode_row, logprob = rows[r], processed[r]
         res = SampleResult(token_id=token, logprob=logprob)
         if sp.logprobs is not None:
             res.top_logprobs = L.top_n(mode_row[None], sp.logprobs)[0]
