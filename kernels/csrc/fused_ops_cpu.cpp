@@ -74,7 +74,7 @@ void rms_norm_rows(const T* x, const T* res, const T* w, T* y, T* new_res, int64
       const float inv = 1.0f / std::sqrt(hsum(acc) / static_cast<float>(h) + eps);
       const V16 inv16 = vsplat(inv);
       for (j = 0; j + kLanes <= h; j += kLanes)
-        store16(y + r * h + j, vmul(load16(w + j), vround_to(vmul(load16(xr + j), inv16), xr)));
+        store16(y + r * h + j, vmul(load16(w + j), vround_to<T>(vmul(load16(xr + j), inv16))));
       for (; j < h; ++j)
         y[r * h + j] = static_cast<T>(static_cast<float>(w[j]) * rnd<T>(static_cast<float>(xr[j]) * inv));
     }
@@ -134,7 +134,7 @@ void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t inter) {
         const int64_t n = std::min<int64_t>(kLanes, inter - j);
         const V16 s = vsilu(n == kLanes ? load16(g + j) : load_n(g + j, n));
         if (n == kLanes) {  // silu rounded to T, times u, rounded to T (as torch computes it)
-          store16(o + j, vmul(vround_to(s, g), load16(u + j)));
+          store16(o + j, vmul(vround_to<T>(s), load16(u + j)));
           continue;
         }
         float sv[kLanes];

@@ -122,8 +122,12 @@ inline __m512i bf16_bits(V16 a) {
 #endif
 
 // a rounded to T and back to fp32 (identity for float): the vector form of rnd<T>.
-inline V16 vround_to(V16 a, const float*) { return a; }
-inline V16 vround_to(V16 a, const c10::BFloat16*) {
+template <typename T>
+inline V16 vround_to(V16 a) {
+  return a;
+}
+template <>
+inline V16 vround_to<c10::BFloat16>(V16 a) {
 #if defined(__AVX512F__)
   return {_mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(a), 16))};
 #else
