@@ -3,6 +3,7 @@ and the Python work around them (scheduling, input lists, commit, detokenizing, 
 i.e. the ceiling of what async scheduling can overlap.
 
     python bench/step_phases.py --dtype float32 --workload decode    # 64 sequences decoding
+    python bench/step_phases.py --workload decode --seqs 16          # 16 of them
     python bench/step_phases.py --dtype bfloat16 --workload prefill  # 64 prompts of 32-512 tokens
 
 Each phase is timed with perf_counter around the method that runs it (wrapped here, in
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--workload", choices=["decode", "prefill"], default="decode")
     ap.add_argument("--steps", type=int, default=40, help="decode steps timed")
+    ap.add_argument("--seqs", type=int, default=64, help="sequences decoding (decode workload)")
     a = ap.parse_args()
     core = EngineCore(EngineConfig(dtype=a.dtype, num_kv_blocks=4096))
     rng = random.Random(0)
@@ -70,7 +72,7 @@ def main() -> None:
 
     greedy = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     if a.workload == "decode":
-        for i in range(64):
+        for i in range(a.seqs):
             core.add_request(f"d{i}", prompt(16), greedy.with_options(max_tokens=a.steps + 20))
         for _ in range(8):  # the prefill and a few warm decode steps, untimed
             core.step()
@@ -88,7 +90,8 @@ def main() -> None:
         core.step()
         steps += 1
     wall = time.perf_counter() - t0
-    print(f"{a.dtype} {a.workload}: {steps} steps, {wall / steps * 1e3:.1f} ms/step")
+    what = f"{a.seqs} sequences" if a.workload == "decode" else "64 prompts"
+    print(f"{a.dtype} {a.workload}, {what}: {steps} steps, {wall / steps * 1e3:.1f} ms/step")
     for phase, sec in PHASES.items():
         print(f"  {phase:26s} {sec / steps * 1e3:9.2f} ms  {100 * sec / wall:5.1f}%")
     python = sum(v for k, v in PHASES.items() if "(Python)" in k)  # none nested here (no stop strings)
