@@ -25,7 +25,7 @@
 // block of k; the sums of the blocks stay in L1. A group's weights (K x 384 B: 221 KB
 // at K = 576) stay in L2 while every row of the task passes over them; each tile streams
 // its weights from L2 with a software prefetch 64 k ahead, and the next group is
-// prefetched into L2 while this one is computed. Tiles of up to 4 rows (decode) span the
+// prefetched into L2 while this one is computed (see linear()). Tiles of up to 4 rows (decode) span the
 // whole group instead. Measured on a shared 2-core machine (1 thread, best CPU time per
 // layer over SmolLM2's shapes, old and new alternated in one process): 64 rows 67-77% ->
 // 70-81% of the FMA peak, 512 rows 55-64% -> 65-73%, 4 rows +37%, against the 4 x 6 tile
@@ -82,7 +82,8 @@ struct Gemm {
   int64_t m, n, k, panels;
 
   // Rows r0..r0+R-1 against panels p0..p0+J-1 (inside one group), the whole chain over k;
-  // the first `pf_lines` k steps also prefetch one line of `pf` into L2 each.
+  // it also prefetches the `pf_lines` lines at `pf` into L2, ceil(pf_lines / K) per k step
+  // from the first.
   template <int R, int J>
   void tile(int64_t r0, int64_t p0, const float* pf, int64_t pf_lines) const {
     const int64_t g = p0 / kGroup, stride = std::min<int64_t>(kGroup, panels - g * kGroup) * kLanes;
@@ -105,14 +106,15 @@ struct Gemm {
         for (int j = 0; j < J; ++j) acc[r][j] = vfma(xb, wv[j], acc[r][j]);
       }
     };
+    const int64_t per = (pf_lines + k - 1) / k, pf_steps = per ? (pf_lines + per - 1) / per : 0;
     for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
-      const int64_t k1 = std::min(k, k0 + kBlockK), kp = std::clamp(pf_lines, k0, k1);
+      const int64_t k1 = std::min(k, k0 + kBlockK), kp = std::clamp(pf_steps, k0, k1);
       V16 acc[R][J];
       for (int r = 0; r < R; ++r)
         for (int j = 0; j < J; ++j) acc[r][j] = vzero();
       int64_t kk = k0;
       for (; kk < kp; ++kk) {
-        __builtin_prefetch(pf + kk * kLanes, 0, 2);
+        for (int64_t i = 0; i < per; ++i) __builtin_prefetch(pf + (kk * per + i) * kLanes, 0, 2);
         step(acc, kk);
       }
       for (; kk < k1; ++kk) step(acc, kk);
@@ -163,9 +165,10 @@ struct Gemm {
     }
   }
 
-  // Rows [r0, r1) against group g; the `next_lines` 64-byte lines at `next` (what the
-  // thread reads after this task) are prefetched into L2, a share per tile.
-  void task(int64_t r0, int64_t r1, int64_t g, const float* next, int64_t next_lines) const {
+  // Rows [r0, r1) against group g; the `next_lines` 64-byte lines at `next` (weights the
+  // thread reads after this task) are prefetched into L2, a share per tile: all of them
+  // when `spread`, else at most one line per k step of each tile (see linear()).
+  void task(int64_t r0, int64_t r1, int64_t g, const float* next, int64_t next_lines, bool spread) const {
     const int64_t p_begin = g * kGroup, p_end = std::min(panels, p_begin + kGroup);
     // Up to kWideRows rows (decode): one tile over the whole group, so it reads the
     // group's weights in one sequential pass and still keeps 6 x rows chains in flight.
@@ -175,12 +178,12 @@ struct Gemm {
       const int64_t step = width(std::min<int64_t>(kRows, r1 - r));
       tiles += (p_end - p_begin + step - 1) / step;
     }
-    const int64_t share = (next_lines + tiles - 1) / tiles;
+    const int64_t share = (next_lines + tiles - 1) / tiles, take = spread ? share : std::min(share, k);
     int64_t i = 0;
     for (int64_t r = r0; r < r1; r += kRows) {
       const int64_t rows = std::min<int64_t>(kRows, r1 - r), step = width(rows);
       for (int64_t p = p_begin; p < p_end; p += step, ++i) {
-        const int64_t q0 = std::min(next_lines, i * share), q1 = std::min(next_lines, q0 + share);
+        const int64_t q0 = std::min(next_lines, i * share), q1 = std::min(next_lines, q0 + take);
         tile_any(r, rows, p, std::min<int64_t>(step, p_end - p), next + q0 * kLanes, q1 - q0);
       }
     }
@@ -206,12 +209,29 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   const int64_t want = std::max<int64_t>(1, (4 * at::get_num_threads() + groups - 1) / groups);
   const int64_t block_rows = (row_tiles + std::min(row_tiles, want) - 1) / std::min(row_tiles, want) * kRows;
   const int64_t row_blocks = (m + block_rows - 1) / block_rows;
+  // The next group's weights are prefetched into L2 while this one is computed. Tiles of
+  // more than kWideRows rows compute long enough per byte to hide the whole next group:
+  // every task of this group in the thread prefetches its share of it, spread over the
+  // tiles' k steps. Wide tiles (decode of <= 4 rows) are bound by memory themselves, and a
+  // second stream only competes with theirs: the group's last task prefetches at most one
+  // line per k step. Measured on an AMD EPYC (Zen 4) guest, 2 threads, a step's GEMMs
+  // streamed from memory, old and new alternated in one process (medians of 7): 8 rows
+  // 29.6 -> 22.2 ms, 16 rows 33.9 -> 29.4 ms; 1, 4 and 32-128 rows unchanged within 2%.
+  const bool spread = m > kWideRows;
   auto group_lines = [&](int64_t gi) { return std::min<int64_t>(kGroup, panels - gi * kGroup) * k; };
   at::parallel_for(0, groups * row_blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t gi = t / row_blocks, r0 = (t % row_blocks) * block_rows, gn = (t + 1) / row_blocks;
-      const bool fetch = t + 1 < t1 && gn != gi;  // the next task reads another group
-      g.task(r0, std::min(m, r0 + block_rows), gi, fetch ? g.w + group_offset(gn, k) : g.w, fetch ? group_lines(gn) : 0);
+      const int64_t gi = t / row_blocks, r0 = (t % row_blocks) * block_rows, r1 = std::min(m, r0 + block_rows);
+      if (spread) {  // this thread's tasks of group gi share the next group (if it has one)
+        const int64_t gn = gi + 1, first = std::max(t0, gi * row_blocks), count = std::min(t1, gn * row_blocks) - first;
+        const int64_t lines = gn * row_blocks < t1 ? group_lines(gn) : 0;
+        const int64_t q0 = lines * (t - first) / count, q1 = lines * (t - first + 1) / count;
+        g.task(r0, r1, gi, g.w + group_offset(gn, k) + q0 * kLanes, q1 - q0, true);
+      } else {
+        const int64_t gn = (t + 1) / row_blocks;
+        const bool fetch = t + 1 < t1 && gn != gi;  // the next task reads another group
+        g.task(r0, r1, gi, fetch ? g.w + group_offset(gn, k) : g.w, fetch ? group_lines(gn) : 0, false);
+      }
     }
   });
   return y;
