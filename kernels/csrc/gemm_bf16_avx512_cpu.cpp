@@ -28,8 +28,9 @@
 // broadcasts, all loads, no shuffle port. x is repacked once per call into each tile's own
 // k-major run (16 x 16 transposes in registers; fp32 already for fma; an odd K's last pair
 // padded once), so a tile streams it in order. A task is 32 columns x a block of rows: its
-// weights (K x 64 B) are read from memory once and stay in L1/L2 for every tile of the
-// block; tasks split the columns first, so a decode step's few rows keep every thread busy.
+// weights (K x 64 B) are read from memory once (prefetched into L2 during the task before)
+// and stay in L1/L2 for every tile of the block; tasks split the columns first, so a decode
+// step's few rows keep every thread busy.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -54,6 +55,7 @@ constexpr int64_t kTile = 16;       // columns per panel
 constexpr int64_t kPanelAlign = 2;  // the packing pads N to 32 columns: panels come in pairs
 constexpr int kMaxRows = 12;        // rows per register tile: 12 x 2 accumulators + 2 weights + 1
 constexpr int64_t kBlockBytes = 1 << 20;  // x rows per task: at most ~1 MB of them (stays in L2)
+constexpr int64_t kLineElems = 32;  // bf16 elements per 64-byte cache line
 
 bool avx512_bf16_available() { return AE_HAVE_AVX512BF16 != 0; }
 
@@ -141,9 +143,11 @@ struct Bf16Gemm {
   uint16_t* y;         // [M, N]
   int64_t n, pairs, kp;  // pairs = Q = ceil(K / 2)
 
-  // Rows r0..r0+R-1 x panels p0, p0+1 over every k-pair, + bias, into y as bf16.
+  // Rows r0..r0+R-1 x panels p0, p0+1 over every k-pair, + bias, into y as bf16; also
+  // prefetches the `pf_lines` 64-byte lines at `pf` into L2, ceil(pf_lines / Q) per k-pair.
   template <int R, bool Fma>
-  void tile(int64_t r0, int64_t p0) const {
+  void tile(int64_t r0, int64_t p0, const uint16_t* pf, int64_t pf_lines) const {
+    const int64_t per = (pf_lines + pairs - 1) / pairs, pf_steps = per ? (pf_lines + per - 1) / per : 0;
     __m512 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     const uint16_t* w0 = w + p0 * kp * kTile;  // panel p0 [Kp / 2, 16, 2]; p0 + 1 follows it
@@ -151,6 +155,8 @@ struct Bf16Gemm {
     const __m512i hi = _mm512_set1_epi32(int(0xFFFF0000u));
     const uint32_t* xq = xp + r0 * (Fma ? 2 : 1) * pairs;  // [Q, R] pairs or [2Q, R] fp32
     for (int64_t q = 0; q < pairs; ++q, xq += Fma ? 2 * R : R) {
+      if (q < pf_steps)
+        for (int64_t i = 0; i < per; ++i) __builtin_prefetch(pf + (q * per + i) * kLineElems, 0, 2);
       const __m512i a = _mm512_loadu_si512(w0 + q * 2 * kTile), b = _mm512_loadu_si512(w1 + q * 2 * kTile);
       if constexpr (Fma) {  // lane c of a pair vector: w[c, 2q] in the low half, w[c, 2q + 1] high
         const __m512 a0 = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), b0 = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
@@ -185,24 +191,29 @@ struct Bf16Gemm {
     }
   }
 
-  // Register tiles [t0, t1) of `tiles` ((first row, rows) each) against panels p0, p0 + 1.
+  // Register tiles [t0, t1) of `tiles` ((first row, rows) each) against panels p0, p0 + 1;
+  // the `next_lines` lines at `next` are prefetched into L2, a share per tile.
   template <bool Fma>
-  void block(const std::vector<Tile>& tiles, int64_t t0, int64_t t1, int64_t p0) const {
+  void block(const std::vector<Tile>& tiles, int64_t t0, int64_t t1, int64_t p0, const uint16_t* next,
+             int64_t next_lines) const {
+    const int64_t share = (next_lines + (t1 - t0) - 1) / (t1 - t0);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r = tiles[t].r0;
+      const int64_t r = tiles[t].r0, q0 = std::min(next_lines, (t - t0) * share);
+      const uint16_t* nx = next + q0 * kLineElems;
+      const int64_t nl = std::min(next_lines, q0 + share) - q0;
       switch (tiles[t].rows) {
-        case 12: tile<12, Fma>(r, p0); break;
-        case 11: tile<11, Fma>(r, p0); break;
-        case 10: tile<10, Fma>(r, p0); break;
-        case 9: tile<9, Fma>(r, p0); break;
-        case 8: tile<8, Fma>(r, p0); break;
-        case 7: tile<7, Fma>(r, p0); break;
-        case 6: tile<6, Fma>(r, p0); break;
-        case 5: tile<5, Fma>(r, p0); break;
-        case 4: tile<4, Fma>(r, p0); break;
-        case 3: tile<3, Fma>(r, p0); break;
-        case 2: tile<2, Fma>(r, p0); break;
-        default: tile<1, Fma>(r, p0); break;
+        case 12: tile<12, Fma>(r, p0, nx, nl); break;
+        case 11: tile<11, Fma>(r, p0, nx, nl); break;
+        case 10: tile<10, Fma>(r, p0, nx, nl); break;
+        case 9: tile<9, Fma>(r, p0, nx, nl); break;
+        case 8: tile<8, Fma>(r, p0, nx, nl); break;
+        case 7: tile<7, Fma>(r, p0, nx, nl); break;
+        case 6: tile<6, Fma>(r, p0, nx, nl); break;
+        case 5: tile<5, Fma>(r, p0, nx, nl); break;
+        case 4: tile<4, Fma>(r, p0, nx, nl); break;
+        case 3: tile<3, Fma>(r, p0, nx, nl); break;
+        case 2: tile<2, Fma>(r, p0, nx, nl); break;
+        default: tile<1, Fma>(r, p0, nx, nl); break;
       }
     }
   }
@@ -238,11 +249,19 @@ void run(const uint16_t* x, const at::Tensor& packed, const float* bias, uint16_
                    n, pairs, packed.size(1) * 2};
   const int64_t slabs = packed.size(0) / kPanelAlign;  // 32-column tasks
   // Task t: slab t % slabs of row block t / slabs (a thread's consecutive tasks share the
-  // rows, which stay in cache while the weights stream by once per block).
+  // rows, which stay in cache while the weights stream by once per block). Each task
+  // prefetches the slab of the thread's next task into L2 over its tiles' k steps, so a
+  // block's first tile (at decode, the only one or one of two) computes from L2 instead
+  // of waiting on memory. Measured on an AMD EPYC (Zen 4) guest, 2 threads, a step's 30
+  // layers streamed from memory, with and without it alternated in one process (medians
+  // of 7): 16 rows 12.5 -> 9.9 ms, 8 rows 9.6 -> 8.6, 64 rows 35.8 -> 34.0, 1 and 512 rows
+  // unchanged.
+  const int64_t slab_lines = packed.size(1) * 2;  // 2 panels x Kp / 2 pairs x 64 bytes = Kp lines
   at::parallel_for(0, slabs * blocks.parts, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / slabs;
-      g.block<Fma>(tiles, first[b], first[b + 1], (t % slabs) * kPanelAlign);
+      const uint16_t* next = g.w + ((t + 1) % slabs) * kPanelAlign * slab_lines * kTile;
+      g.block<Fma>(tiles, first[b], first[b + 1], (t % slabs) * kPanelAlign, next, t + 1 < t1 ? slab_lines : 0);
     }
   });
 }
