@@ -42,6 +42,8 @@
 #include <string>
 #include <vector>
 
+#include "line_hints.h"
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define AE_HAVE_AVX512BF16 1
@@ -147,7 +149,7 @@ struct Bf16Gemm {
   // prefetches the `pf_lines` 64-byte lines at `pf` into L2, ceil(pf_lines / Q) per k-pair.
   template <int R, bool Fma>
   void tile(int64_t r0, int64_t p0, const uint16_t* pf, int64_t pf_lines) const {
-    const int64_t per = (pf_lines + pairs - 1) / pairs, pf_steps = per ? (pf_lines + per - 1) / per : 0;
+    const SpreadHints hints(pf, pf_lines, pairs);
     __m512 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     const uint16_t* w0 = w + p0 * kp * kTile;  // panel p0 [Kp / 2, 16, 2]; p0 + 1 follows it
@@ -155,8 +157,7 @@ struct Bf16Gemm {
     const __m512i hi = _mm512_set1_epi32(int(0xFFFF0000u));
     const uint32_t* xq = xp + r0 * (Fma ? 2 : 1) * pairs;  // [Q, R] pairs or [2Q, R] fp32
     for (int64_t q = 0; q < pairs; ++q, xq += Fma ? 2 * R : R) {
-      if (q < pf_steps)
-        for (int64_t i = 0; i < per; ++i) __builtin_prefetch(pf + (q * per + i) * kLineElems, 0, 2);
+      if (q < hints.steps) hints.issue(q);
       const __m512i a = _mm512_loadu_si512(w0 + q * 2 * kTile), b = _mm512_loadu_si512(w1 + q * 2 * kTile);
       if constexpr (Fma) {  // lane c of a pair vector: w[c, 2q] in the low half, w[c, 2q + 1] high
         const __m512 a0 = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), b0 = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));

@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "line_hints.h"
 #include "vec16.h"
 
 namespace {
@@ -106,15 +107,15 @@ struct Gemm {
         for (int j = 0; j < J; ++j) acc[r][j] = vfma(xb, wv[j], acc[r][j]);
       }
     };
-    const int64_t per = (pf_lines + k - 1) / k, pf_steps = per ? (pf_lines + per - 1) / per : 0;
+    const SpreadHints hints(pf, pf_lines, k);
     for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
-      const int64_t k1 = std::min(k, k0 + kBlockK), kp = std::clamp(pf_steps, k0, k1);
+      const int64_t k1 = std::min(k, k0 + kBlockK), kp = std::clamp(hints.steps, k0, k1);
       V16 acc[R][J];
       for (int r = 0; r < R; ++r)
         for (int j = 0; j < J; ++j) acc[r][j] = vzero();
       int64_t kk = k0;
       for (; kk < kp; ++kk) {
-        for (int64_t i = 0; i < per; ++i) __builtin_prefetch(pf + (kk * per + i) * kLanes, 0, 2);
+        hints.issue(kk);
         step(acc, kk);
       }
       for (; kk < k1; ++kk) step(acc, kk);
@@ -165,10 +166,13 @@ struct Gemm {
     }
   }
 
+  // Tiles of more than kWideRows rows hint the whole next group into L2 (see linear()).
+  bool spread() const { return m > kWideRows; }
+
   // Rows [r0, r1) against group g; the `next_lines` 64-byte lines at `next` (weights the
   // thread reads after this task) are prefetched into L2, a share per tile: all of them
-  // when `spread`, else at most one line per k step of each tile (see linear()).
-  void task(int64_t r0, int64_t r1, int64_t g, const float* next, int64_t next_lines, bool spread) const {
+  // when spread(), else at most one line per k step of each tile.
+  void task(int64_t r0, int64_t r1, int64_t g, const float* next, int64_t next_lines) const {
     const int64_t p_begin = g * kGroup, p_end = std::min(panels, p_begin + kGroup);
     // Up to kWideRows rows (decode): one tile over the whole group, so it reads the
     // group's weights in one sequential pass and still keeps 6 x rows chains in flight.
@@ -178,7 +182,7 @@ struct Gemm {
       const int64_t step = width(std::min<int64_t>(kRows, r1 - r));
       tiles += (p_end - p_begin + step - 1) / step;
     }
-    const int64_t share = (next_lines + tiles - 1) / tiles, take = spread ? share : std::min(share, k);
+    const int64_t share = (next_lines + tiles - 1) / tiles, take = spread() ? share : std::min(share, k);
     int64_t i = 0;
     for (int64_t r = r0; r < r1; r += kRows) {
       const int64_t rows = std::min<int64_t>(kRows, r1 - r), step = width(rows);
@@ -217,20 +221,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   // line per k step. Measured on an AMD EPYC (Zen 4) guest, 2 threads, a step's GEMMs
   // streamed from memory, old and new alternated in one process (medians of 7): 8 rows
   // 29.6 -> 22.2 ms, 16 rows 33.9 -> 29.4 ms; 1, 4 and 32-128 rows unchanged within 2%.
-  const bool spread = m > kWideRows;
   auto group_lines = [&](int64_t gi) { return std::min<int64_t>(kGroup, panels - gi * kGroup) * k; };
   at::parallel_for(0, groups * row_blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t gi = t / row_blocks, r0 = (t % row_blocks) * block_rows, r1 = std::min(m, r0 + block_rows);
-      if (spread) {  // this thread's tasks of group gi share the next group (if it has one)
+      if (g.spread()) {  // this thread's tasks of group gi share the next group (if it runs one)
         const int64_t gn = gi + 1, first = std::max(t0, gi * row_blocks), count = std::min(t1, gn * row_blocks) - first;
         const int64_t lines = gn * row_blocks < t1 ? group_lines(gn) : 0;
         const int64_t q0 = lines * (t - first) / count, q1 = lines * (t - first + 1) / count;
-        g.task(r0, r1, gi, g.w + group_offset(gn, k) + q0 * kLanes, q1 - q0, true);
+        g.task(r0, r1, gi, lines ? g.w + group_offset(gn, k) + q0 * kLanes : g.w, q1 - q0);
       } else {
         const int64_t gn = (t + 1) / row_blocks;
         const bool fetch = t + 1 < t1 && gn != gi;  // the next task reads another group
-        g.task(r0, r1, gi, fetch ? g.w + group_offset(gn, k) : g.w, fetch ? group_lines(gn) : 0, false);
+        g.task(r0, r1, gi, fetch ? g.w + group_offset(gn, k) : g.w, fetch ? group_lines(gn) : 0);
       }
     }
   });
