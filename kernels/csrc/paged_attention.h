@@ -29,7 +29,8 @@ struct PagedCache {
     if (c0 > last) return;
     if (d_major()) {
       const T* p = at(table, c0, head);
-      for (int64_t d = 0; d < D; ++d) lines.add(p + d * s_d);
+      if (s_d == kLanes) return lines.add_span(p, D * kLanes * static_cast<int64_t>(sizeof(T)));  // one run
+      for (int64_t d = 0; d < D; ++d) lines.add_span(p + d * s_d, kLanes * static_cast<int64_t>(sizeof(T)));
     } else {
       for (int64_t j = c0; j <= std::min(last, c0 + kLanes - 1); ++j) row_lines(table, j, head, D, lines);
     }
@@ -42,29 +43,46 @@ struct PagedCache {
   template <typename L>
   void row_lines(const int64_t* table, int64_t j, int64_t head, int64_t D, L& lines) const {
     if (s_d != 1) return;
-    const T* row = at(table, j, head);
-    for (int64_t e = 0; e < D; e += kLine) lines.add(row + e);
+    lines.add_span(at(table, j, head), D * static_cast<int64_t>(sizeof(T)));
   }
 };
 
 // Cache lines to hint into L2, issued a few at a time between FMAs: a burst of a hundred
 // prefetches fills the core's miss buffers and stalls the arithmetic behind it, so fetch
-// and compute would take turns instead of overlapping.
+// and compute would take turns instead of overlapping. Held as spans of whole lines (a
+// chunk of keys, a key's values): adding one is a store, not a store per line.
 struct LineQueue {
-  static constexpr int kMax = 512;
-  const char* line[kMax];
-  int n = 0, next = 0, pace = 0;
-  void clear() { n = next = 0; }
-  void add(const void* p) {  // skipped when it repeats the last line, or when full
-    const auto* c = static_cast<const char*>(p);
-    if (n < kMax && (n == 0 || (reinterpret_cast<uintptr_t>(c) >> 6) != (reinterpret_cast<uintptr_t>(line[n - 1]) >> 6)))
-      line[n++] = c;
+  static constexpr int kMax = 64;  // spans; past it further adds are dropped (hints only)
+  uintptr_t first[kMax];           // line numbers (address / 64)
+  int count[kMax];
+  int n = 0, cur = 0, off = 0, lines = 0, pace = 0;
+  void clear() { n = cur = off = lines = 0; }
+  // Every line of [p, p + bytes): the first skipped when it repeats the last line added,
+  // and the span merged into the last one when it continues it.
+  void add_span(const void* p, int64_t bytes) {
+    uintptr_t l = reinterpret_cast<uintptr_t>(p) >> 6;
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes + 63) >> 6;
+    const uintptr_t last_end = n > 0 ? first[n - 1] + count[n - 1] : 0;
+    if (n > 0 && l + 1 == last_end) ++l;
+    if (l >= end) return;
+    if (n > 0 && l == last_end) {
+      count[n - 1] += static_cast<int>(end - l);
+    } else if (n < kMax) {
+      first[n] = l;
+      count[n++] = static_cast<int>(end - l);
+    } else {
+      return;
+    }
+    lines += static_cast<int>(end - l);
   }
-  void pace_over(int64_t steps) { pace = static_cast<int>((n + steps - 1) / std::max<int64_t>(steps, 1)); }
+  void pace_over(int64_t steps) { pace = static_cast<int>((lines + steps - 1) / std::max<int64_t>(steps, 1)); }
   void step() {  // the next `pace` lines
-    for (const int upto = std::min(n, next + pace); next < upto; ++next) __builtin_prefetch(line[next], 0, 2);
+    for (int k = 0; k < pace && cur < n; ++k) {
+      __builtin_prefetch(reinterpret_cast<const char*>((first[cur] + off) << 6), 0, 2);
+      if (++off == count[cur]) off = 0, ++cur;
+    }
   }
-  void all() { pace = n; step(); }
+  void all() { pace = lines; step(); }
 };
 
 // One unit of work: query tokens [t0, t1) of sequence seq, the G heads of one KV head.
