@@ -123,12 +123,19 @@ def new_kv_cache(
     num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
     device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed caches, both seen as [NB, BS, Hkv, D]. Keys are stored [Hkv, NB, D, BS]: the
-    16 keys of a chunk are then [D, 16] rows the score loop reads in place. Values are
-    stored [Hkv, NB, BS, D]: each key's values are one contiguous row."""
-    k = _zeros_on_huge_pages((num_kv_heads, num_blocks, head_dim, block_size), dtype, device)
-    v = _zeros_on_huge_pages((num_kv_heads, num_blocks, block_size, head_dim), dtype, device)
-    return k.permute(1, 3, 0, 2), v.permute(1, 2, 0, 3)
+    """Zeroed caches, both seen as [NB, BS, Hkv, D], held in one buffer [NB, Hkv, 2, BS * D]:
+    block by block and head by head, the head's keys d-major ([D, BS]: the 16 keys of a
+    chunk are [D, 16] rows the score loop reads in place), then its values ([BS, D]: each
+    key's values one contiguous row). What one decode item reads of a block is then one
+    run of 2 x BS x D elements, next to the same block's other heads, which the items of
+    the same sequence read at about the same time: scattered blocks come from memory in
+    runs it serves near its streaming rate. Measured on an AMD EPYC Zen 4, 2 threads, 64
+    sequences x 256 keys over a 1 GB pool, per layer, against keys and values in separate
+    [Hkv, NB, ...] buffers: fp32 1.17 -> 0.96 ms, bf16 0.80 -> 0.57 ms."""
+    kv = _zeros_on_huge_pages((num_blocks, num_kv_heads, 2, block_size * head_dim), dtype, device)
+    k = kv[:, :, 0].view(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
+    v = kv[:, :, 1].view(num_blocks, num_kv_heads, block_size, head_dim).permute(0, 2, 1, 3)
+    return k, v
 
 
 _MADV_HUGEPAGE = 14
@@ -137,7 +144,7 @@ _HUGE_PAGE = 1 << 21
 
 def _zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
     """torch.zeros, its memory advised for transparent huge pages before it is touched.
-    Attention reads the cache in 4 KB blocks scattered over gigabytes: on 4 KB pages each
+    Attention reads the cache in runs of a few KB scattered over gigabytes: on 4 KB pages each
     block read is a TLB miss (measured: decode attention over 64 x 250 scattered keys,
     1.74 -> 1.41 ms per layer). Only a hint: where madvise is missing it is skipped."""
     t = torch.empty(shape, dtype=dtype, device=device)
@@ -161,9 +168,10 @@ def store_kv_cpu(
 ) -> None:
     """store_kv for the caches of new_kv_cache: key, value [T, Hkv, D] into slot_mapping [T]."""
     block_size = k_cache.shape[1]
-    # The key view's (block, slot) dims do not merge: index them as a pair, in place.
-    k_cache[slot_mapping // block_size, slot_mapping % block_size] = key.to(k_cache.dtype)
-    v_cache.flatten(0, 1).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    # Neither view's (block, slot) dims merge (flatten would copy): index them as a pair, in place.
+    block, slot = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[block, slot] = key.to(k_cache.dtype)
+    v_cache[block, slot] = value.to(v_cache.dtype)
 
 
 def paged_attention_cpu(

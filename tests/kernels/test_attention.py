@@ -224,6 +224,25 @@ def test_cpu_store_kv_writes_the_slots_its_attention_reads(paged_case: Callable)
     assert torch.equal(got, paged_attention_cpu(q, case.k_cache, case.v_cache, meta, 0.2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_cache_holds_each_block_head_as_one_run(dtype: torch.dtype) -> None:
+    """new_kv_cache: a (block, head)'s keys d-major, then its values, in one run of memory,
+    and the block's heads one after another (what the layout's speed rests on)."""
+    nb, bs, hkv, d = 3, 16, 2, 32
+    k, v = new_kv_cache(nb, bs, hkv, d, dtype)
+    size = k.element_size()
+    for b in range(nb):
+        for h in range(hkv):
+            start = k.data_ptr() + ((b * hkv + h) * 2 * bs * d) * size
+            keys, values = k[b, :, h], v[b, :, h]  # [BS, D]
+            assert keys.data_ptr() == start and keys.stride() == (1, bs)  # [D, BS] in place
+            assert values.data_ptr() == start + bs * d * size and values.stride() == (d, 1)
+    # The views alias no element: every (block, slot, head, d) of K and V is its own.
+    k.copy_(torch.arange(k.numel(), dtype=torch.float32).view(k.shape))
+    v.fill_(-1)
+    assert bool((k >= 0).all())
+
+
 def test_cpu_op_propagates_nan_from_a_live_key(paged_case: Callable) -> None:
     """A NaN inside a sequence (not past its end) must reach that sequence's output,
     not be clamped away, and must not touch the other sequence."""
