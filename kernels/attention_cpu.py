@@ -17,6 +17,7 @@ when it did not.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -233,16 +234,16 @@ def pack_linear_weight(w: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.asyncengine_cpu.pack_linear_weight_bf16(w) if bf16_gemm_kernel() is not None else None
 
 
+@functools.cache
 def bf16_gemm_kernel() -> str | None:
     """The bf16 GEMM packed_linear_cpu runs on this CPU: "amx" (tile unit), "avx512"
     (AVX512-BF16 without AMX: VDPBF16PS on AMD Zen 4, bf16 widened to fp32 FMAs on Intel,
     where VDPBF16PS does half the multiply-adds of FMA), or None (bf16 stays with oneDNN in row tiles).
     Asked once per process: every bf16 linear layer asks, and the two op calls cost ~4 us."""
     load()
-    if "bf16_kernel" not in _state:
-        ops = torch.ops.asyncengine_cpu
-        _state["bf16_kernel"] = "amx" if ops.amx_available() else "avx512" if ops.avx512_bf16_available() else None
-    return _state["bf16_kernel"]  # type: ignore[return-value]
+    if torch.ops.asyncengine_cpu.amx_available():
+        return "amx"
+    return "avx512" if torch.ops.asyncengine_cpu.avx512_bf16_available() else None
 
 
 def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:

@@ -29,7 +29,8 @@ struct PagedCache {
     if (c0 > last) return;
     if (d_major()) {
       const T* p = at(table, c0, head);
-      if (s_d == kLanes) return lines.add_span(p, D * kLanes * static_cast<int64_t>(sizeof(T)));  // one run
+      // Rows of 16 back to back (the engine's block of 16): one span, not D merged ones.
+      if (s_d == kLanes) return lines.add_span(p, D * kLanes * static_cast<int64_t>(sizeof(T)));
       for (int64_t d = 0; d < D; ++d) lines.add_span(p + d * s_d, kLanes * static_cast<int64_t>(sizeof(T)));
     } else {
       for (int64_t j = c0; j <= std::min(last, c0 + kLanes - 1); ++j) row_lines(table, j, head, D, lines);
