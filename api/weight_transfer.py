@@ -216,12 +216,12 @@ class WeightTransfer:
         core = self.engine.core
         model = core.model
 
-        def build() -> tuple[Any, bool]:  # True: made of the spare buffers
+        def build() -> Any:  # made of the spare buffers either way
             fast = stage_views(model, staged, self.spares)
-            return (fast, True) if fast is not None else (stage(model, staged), False)
+            return fast if fast is not None else stage(model, staged, self.spares)
 
         try:
-            shadow, from_spares = await asyncio.to_thread(build)
+            shadow = await asyncio.to_thread(build)
         except WeightLoadError as exc:
             raise APIError(400, f"weight update refused, old weights still serving: {exc}",
                            code="invalid_weights") from exc
@@ -229,8 +229,7 @@ class WeightTransfer:
 
         def write() -> None:  # on the engine thread, at a step boundary
             swap_in(model, shadow)
-            if from_spares:  # the buffers just written are served now; the previous ones are spare
-                self.spares.flip()
+            self.spares.flip()  # the buffers just written are served now; the previous ones are spare
             if label is not None:  # the trainer's label: apply_weights' +1 then lands on it
                 core.weight_version = label - 1
 

@@ -95,10 +95,36 @@ def test_views_serve_the_same_bits_as_a_load(llama_dir: Path, new_dir: Path) -> 
         assert (shadow.layers[0].qkv.data_ptr() == q.data_ptr()) == (rank is not None)
         assert shadow.embed.data_ptr() == views["model.embed_tokens.weight"].data_ptr()
         assert weight_checksums(shadow) == weight_checksums(stage(core.model, state))
+        # Every packing lies in one kept buffer (whole huge pages, not a buffer per weight).
+        assert len({p.untyped_storage().data_ptr() for p in shadow.packings()}) == 1
         core.apply_weights(lambda: swap_in(core.model, shadow))
         spares.flip()
         assert greedy(core) == refs[d]
     assert spares.nbytes > 0
+
+
+@pytest.mark.parametrize("head", ["float32", "bfloat16"])
+def test_bf16_packings_reuse_kept_slabs(llama_dir: Path, new_dir: Path, head: str) -> None:
+    """Where pack_into does not apply (bf16), the op's packings are copied into kept slabs,
+    by stage_views (bf16 tensors, a bf16 head) or by stage (the file's fp32 tensors: another
+    dtype, which keeps the fp32 head exact), as the weight-transfer endpoint calls them:
+    the two spare sets alternate, and what is served matches a load."""
+    cfg = {"num_kv_blocks": 32, "num_threads": 1, "dtype": "bfloat16", "lm_head_dtype": head}
+    core = EngineCore(EngineConfig(model=str(llama_dir), **cfg))
+    if not core.model.packings():
+        pytest.skip("no bf16 GEMM of our own on this CPU (neither AMX nor AVX512-BF16): oneDNN packs instead")
+    ref = greedy(EngineCore(EngineConfig(model=str(new_dir), **cfg)))
+    spares, slabs = SpareBuffers(), []
+    for d in (new_dir, llama_dir, new_dir):
+        state = {k: v.to(getattr(torch, head)) for k, v in read_safetensors(d).items()}
+        fast = stage_views(core.model, state, spares)
+        assert (fast is not None) == (head == "bfloat16")
+        shadow = fast if fast is not None else stage(core.model, state, spares)
+        slabs.append({p.untyped_storage().data_ptr() for p in shadow.packings()})
+        core.apply_weights(lambda: swap_in(core.model, shadow))
+        spares.flip()
+    assert slabs[0] == slabs[2] and not slabs[0] & slabs[1]
+    assert greedy(core) == ref
 
 
 def test_views_refuse_what_they_cannot_take(llama_dir: Path, new_dir: Path) -> None:

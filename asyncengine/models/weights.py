@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,11 +71,13 @@ def weight_map(model: LlamaModel) -> dict[str, list[Target]]:
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_weights(model: LlamaModel, state: Mapping[str, torch.Tensor], *, partial: bool = False) -> None:
+def load_weights(model: LlamaModel, state: Mapping[str, torch.Tensor], *, partial: bool = False,
+                 place: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Copy HF-named tensors into the model, after checking every one of them.
 
     Nothing is written unless all checks pass, so a bad state dict leaves the model as it
-    was. partial=True allows a subset of names (an update of some tensors).
+    was. partial=True allows a subset of names (an update of some tensors). place: where
+    the GEMM packings go (LlamaModel.repack).
     """
     targets = weight_map(model)
     tied_head = model.args.tie_word_embeddings
@@ -100,7 +102,7 @@ def load_weights(model: LlamaModel, state: Mapping[str, torch.Tensor], *, partia
             for t in targets[name]:
                 view = t.tensor if t.rows is None else t.tensor[t.rows]
                 view.copy_(state[name])
-    model.repack()
+    model.repack(place)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

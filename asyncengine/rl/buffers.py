@@ -11,30 +11,12 @@ the spare.
 """
 from __future__ import annotations
 
-import ctypes
-import sys
 import threading
 from collections.abc import Hashable
 
 import torch
 
-_MADV_HUGEPAGE = 14
-_HUGE_PAGE = 1 << 21
-
-
-def empty_bytes(nbytes: int) -> torch.Tensor:
-    """An uninitialized uint8 tensor [nbytes], 2 MB aligned, its pages advised huge
-    before they are touched (only a hint: skipped where madvise is missing)."""
-    base = torch.empty(nbytes + _HUGE_PAGE, dtype=torch.uint8)
-    skip = -base.data_ptr() % _HUGE_PAGE
-    out = base[skip : skip + nbytes]
-    span = nbytes // _HUGE_PAGE * _HUGE_PAGE
-    if sys.platform == "linux" and span:
-        try:
-            ctypes.CDLL(None).madvise(ctypes.c_void_p(out.data_ptr()), ctypes.c_size_t(span), _MADV_HUGEPAGE)
-        except (OSError, AttributeError):
-            pass
-    return out
+from kernels.huge_pages import empty_bytes
 
 
 class SpareBuffers:

@@ -23,8 +23,8 @@ import orjson
 import torch
 import torch.distributed as dist
 
-from asyncengine.rl.buffers import empty_bytes
 from asyncengine.rl.protocol import UpdateInfo
+from kernels.huge_pages import empty_bytes
 
 # Our packed buckets: big enough that per-broadcast latency is small against the bytes,
 # small enough that packing the next one overlaps this one's broadcast.

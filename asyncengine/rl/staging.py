@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 
 import torch
@@ -21,9 +21,11 @@ from asyncengine.models.llama import LayerWeights, LlamaModel
 from asyncengine.models.weights import WeightLoadError, load_weights, weight_map
 from asyncengine.rl.buffers import SpareBuffers
 from asyncengine.rl.packing import matches_op, pack_into, packed_numel
+from kernels.huge_pages import Arena
 
 # The attributes of LlamaModel that hold weights (and their packed layouts).
 _WEIGHT_ATTRS = ("embed", "layers", "final_norm", "lm_head", "_packed")
+_PAGE = 4096
 
 
 def shadow_of(model: LlamaModel, keep_values: bool = True) -> LlamaModel:
@@ -43,15 +45,17 @@ def shadow_of(model: LlamaModel, keep_values: bool = True) -> LlamaModel:
     return shadow
 
 
-def stage(model: LlamaModel, state: Mapping[str, torch.Tensor]) -> LlamaModel:
-    """A shadow of `model` holding `state` (a subset of HF names is fine), packed.
+def stage(model: LlamaModel, state: Mapping[str, torch.Tensor], spares: SpareBuffers | None = None) -> LlamaModel:
+    """A shadow of `model` holding `state` (a subset of HF names is fine), packed (into
+    kept slabs of `spares` when given: then flip them at the swap, as for stage_views).
 
     Runs off the engine thread: it reads the live weights (never written in place by
     the engine) and writes only the copies. Raises WeightLoadError (nothing staged).
     """
     full = weight_map(model).keys() <= state.keys()  # every tensor is overwritten: copy none
     shadow = shadow_of(model, keep_values=not full)
-    load_weights(shadow, state, partial=not full)  # validates every tensor first, then repacks
+    # Validates every tensor first, then repacks.
+    load_weights(shadow, state, partial=not full, place=None if spares is None else _kept_slabs(spares))
     return shadow
 
 
@@ -118,26 +122,39 @@ def _check_finite(t: torch.Tensor, parts: list[tuple[slice | None, torch.Tensor,
 
 
 def _repack_into(shadow: LlamaModel, spares: SpareBuffers) -> None:
-    """shadow.repack(), the fp32 packings written into kept buffers where pack_into gives
-    the op's bytes (asyncengine/rl/packing.py)."""
+    """shadow.repack() into kept buffers: the fp32 packings written straight into one
+    buffer where pack_into gives the op's bytes (asyncengine/rl/packing.py), else the op's
+    packings copied into kept slabs."""
     op = shadow.ops.pack_linear
     weights = shadow.gemm_weights()
     if op is None or not all(w.dtype == torch.float32 and w.device.type == "cpu" for w in weights) \
             or not matches_op(op):
-        shadow.repack()
+        shadow.repack(_kept_slabs(spares))
         return
-    slot = {id(w): i for i, w in enumerate(weights)}
+    # One kept buffer holds every packing, each from a page boundary: like the model's own
+    # arena (LlamaModel.repack), whole 2 MB pages rather than one small buffer per weight.
+    offsets, total = {}, 0
+    for w in weights:
+        offsets[id(w)] = total
+        total += -(-packed_numel(*w.shape) * 4 // _PAGE) * _PAGE
+    buf = spares.get("packings", total)
 
     def pack(w: torch.Tensor) -> torch.Tensor:
-        out = spares.get(("pack", slot[id(w)]), packed_numel(*w.shape) * 4).view(torch.float32)
-        return pack_into(w, out)
+        start = offsets[id(w)]
+        return pack_into(w, buf[start : start + packed_numel(*w.shape) * 4].view(torch.float32))
 
     ops = shadow.ops
     shadow.ops = dataclasses.replace(ops, pack_linear=pack)
     try:
-        shadow.repack()
+        shadow.repack(place=lambda packed: packed)  # already in the kept buffer
     finally:
         shadow.ops = ops
+
+
+def _kept_slabs(spares: SpareBuffers) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Places packings in slabs of the spare set, kept across updates: memory written
+    before, on huge pages, instead of ~0.1-0.3 s of fresh pages faulted per update."""
+    return Arena(new_slab=lambda i, nbytes: spares.get(("packing slab", i), nbytes)).place
 
 
 def swap_in(model: LlamaModel, shadow: LlamaModel) -> None:
