@@ -226,8 +226,11 @@ def bf16_gemm_kernel() -> str | None:
     return "avx512" if torch.ops.asyncengine_cpu.avx512_bf16_available() else None
 
 
-def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int,
+                      next_packed: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, K] @ W^T (+ bias) -> [T, n] in x's dtype, on a weight from pack_linear_weight.
+    next_packed: the packing the caller multiplies by next, which the fp32 kernel hints into
+    cache as it ends (a hint: values never change).
     Each output element is computed by the same operations whatever the other rows (fp32:
     FMA chains over 64-k blocks, summed in order; bf16: AMX tile dot products over k-blocks in order, in
     fp32, rounded once; or, without AMX, VDPBF16PS steps over k-pairs in order, or on Intel one FMA
@@ -237,4 +240,6 @@ def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor 
         op = (torch.ops.asyncengine_cpu.packed_linear_bf16 if bf16_gemm_kernel() == "amx"
               else torch.ops.asyncengine_cpu.packed_linear_bf16_avx512)
         return op(x, packed, None if bias is None else bias.float(), n)
-    return torch.ops.asyncengine_cpu.packed_linear(x.contiguous(), packed, bias, n)
+    if next_packed is not None and next_packed.dtype != torch.float32:
+        next_packed = None  # another kernel's layout: nothing the fp32 kernel can place
+    return torch.ops.asyncengine_cpu.packed_linear(x.contiguous(), packed, bias, n, next_packed)

@@ -48,7 +48,8 @@ class KernelOps:
     # [T, Hq, D]; stores the rotated k and v (apply_rope + store_kv in one pass).
     rope_store_kv: Callable[..., torch.Tensor] | None = None
     # Batch-invariant linear layer: pack_linear(w [N, K]) -> packed (None: this dtype is not
-    # handled), packed_linear(x [T, K], packed, bias, N) -> [T, N].
+    # handled), packed_linear(x [T, K], packed, bias, N, next_packed=None) -> [T, N]
+    # (next_packed: the packing multiplied by next, a cache hint).
     pack_linear: Callable[[torch.Tensor], torch.Tensor | None] | None = None
     packed_linear: Callable[..., torch.Tensor] | None = None
 

@@ -115,8 +115,10 @@ def pack_linear_triton(w: torch.Tensor) -> torch.Tensor | None:
     return w if w.stride(1) == 1 else w.contiguous()
 
 
-def packed_linear_triton(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    """KernelOps.packed_linear: x [T, K] -> [T, n] through the fixed-tile kernel."""
+def packed_linear_triton(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int,
+                         next_packed: torch.Tensor | None = None) -> torch.Tensor:
+    """KernelOps.packed_linear: x [T, K] -> [T, n] through the fixed-tile kernel
+    (next_packed, a cache hint for the CPU kernels, has no use here)."""
     if packed.shape[0] != n:
         raise ValueError(f"packed weight has {packed.shape[0]} rows, expected {n}")
     return linear_triton(x.to(packed.dtype), packed, bias)

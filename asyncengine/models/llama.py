@@ -169,18 +169,28 @@ class LlamaModel:
         asyncengine/rl/staging.py places into buffers it keeps across updates."""
         self._packed = {}
         place = Arena().place if place is None else place
+        owns: list[torch.Tensor | None] = []  # our packing of each weight, or None
         for w in self.gemm_weights():
             own = self.ops.pack_linear(w) if self.ops.pack_linear is not None else None
+            owns.append(place(own) if own is not None and own.device.type == "cpu" else own)
+        for i, (w, own) in enumerate(zip(self.gemm_weights(), owns)):
             run: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
             if own is not None and self.ops.packed_linear is not None:
-                own = place(own) if own.device.type == "cpu" else own
-                run = lambda x, b, p=own, n=w.shape[0], f=self.ops.packed_linear: f(x, p, b, n)  # noqa: E731
+                nxt = self._next_packing(owns, i)
+                run = lambda x, b, p=own, n=w.shape[0], f=self.ops.packed_linear, nx=nxt: f(x, p, b, n, nx)  # noqa: E731
             elif (onednn := prepack(w)) is not None:
                 own = None
                 run = lambda x, b, w=w, p=onednn: linear(x, w, b, self.tile_rows, p)  # noqa: E731
             else:
                 continue
             self._packed[id(w)] = (w._version, run, own)
+
+    @staticmethod
+    def _next_packing(owns: list[torch.Tensor | None], i: int) -> torch.Tensor | None:
+        """The packing multiplied by after gemm_weights()[i] (they are in call order), for the
+        GEMM to hint into cache as it ends; none after qkv: attention's KV reads come between
+        and would evict it. What it gains is measured in kernels/csrc/gemm_cpu.cpp."""
+        return owns[i + 1] if i + 1 < len(owns) and i % 4 != 0 else None
 
     def packings(self) -> list[torch.Tensor]:
         """The backend's own packed weights that repack() made (oneDNN's are not listed)."""

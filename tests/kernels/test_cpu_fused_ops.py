@@ -151,7 +151,7 @@ def test_packed_linear_is_bitwise_the_scalar_fma_chain(m: int, k: int, n: int) -
     ascending from +0) summed in block order from +0, then + bias, as a scalar loop
     (linear_fma_reference) computes it: every register tile (8-row and 3-panel ones, their
     row and panel tails, partial groups) on 1 and 2 threads, including signed zeros,
-    infinities and NaN."""
+    infinities and NaN; with or without the next call's packing to hint (never a value)."""
     load()
     ref = torch.ops.asyncengine_cpu.linear_fma_reference
     g = torch.Generator().manual_seed(m * k + n)
@@ -160,12 +160,13 @@ def test_packed_linear_is_bitwise_the_scalar_fma_chain(m: int, k: int, n: int) -
     if m > 2:
         x[1, k // 2], x[2, 0] = float("inf"), float("nan")
     w[n // 2, :] = -0.0
-    packed = pack_linear_weight(w)
+    packed, after = pack_linear_weight(w), pack_linear_weight(torch.randn(700, 96, generator=g))
     for threads in (1, 2):
         with num_threads(threads):
             for bias in (None, b):
-                got, want = packed_linear_cpu(x, packed, bias, n), ref(x, w, bias)
-                assert torch.equal(_bits(got), _bits(want))
+                want = ref(x, w, bias)
+                for nxt in (None, after, packed):
+                    assert torch.equal(_bits(packed_linear_cpu(x, packed, bias, n, nxt)), _bits(want))
     assert _bits(packed_linear_cpu(x, packed, None, n))[0].eq(0).all()  # +0.0 exactly
 
 
@@ -192,3 +193,7 @@ def test_packed_linear_rejects_mismatched_shapes_and_other_dtypes() -> None:
     with pytest.raises(RuntimeError, match="bias"):
         packed_linear_cpu(torch.randn(3, 24), packed, torch.randn(39), 40)
     assert packed_linear_cpu(torch.randn(0, 24), packed, None, 40).shape == (0, 40)
+    with pytest.raises(RuntimeError, match="next must be a packed fp32 weight"):
+        torch.ops.asyncengine_cpu.packed_linear(torch.randn(3, 24), packed, None, 40, torch.randn(40, 24))
+    x = torch.randn(9, 24)  # another kernel's packing (bf16) is not hinted by the fp32 kernel: ignored
+    assert torch.equal(packed_linear_cpu(x, packed, None, 40, packed.bfloat16()), packed_linear_cpu(x, packed, None, 40))

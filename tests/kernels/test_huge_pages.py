@@ -8,6 +8,7 @@ import torch
 
 from asyncengine.config import EngineConfig
 from asyncengine.engine_core import EngineCore
+from asyncengine.models.llama import LlamaModel
 from kernels import huge_pages
 from kernels.huge_pages import HUGE_PAGE, Arena
 
@@ -69,3 +70,15 @@ def test_placed_packings_serve_the_same_bits(llama_dir: Path, dtype: str) -> Non
     model.repack(place=lambda packed: packed)  # where pack_linear left them
     assert not any(p.untyped_storage().data_ptr() in slabs for p in model.packings())
     assert torch.equal(model._linear(x, w, None), placed)
+
+
+def test_each_gemm_hints_the_next_ones_packing_except_across_attention() -> None:
+    """gemm_weights() is in call order (per layer qkv, o, gate_up, down; then the head):
+    each packing's next is the following one, but qkv's (attention reads the KV cache in
+    between) and the head's (the step's last)."""
+    owns = [torch.full((1,), float(i)) for i in range(9)]  # two layers and the head
+    owns[6] = None  # a weight left to oneDNN: nothing of ours to hint
+    nexts = [LlamaModel._next_packing(owns, i) for i in range(9)]
+    assert nexts[0] is None and nexts[4] is None and nexts[8] is None
+    assert nexts[1] is owns[2] and nexts[2] is owns[3] and nexts[3] is owns[4] and nexts[7] is owns[8]
+    assert nexts[5] is None  # the next is oneDNN's
