@@ -229,17 +229,18 @@ def bf16_gemm_kernel() -> str | None:
 def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int,
                       next_packed: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, K] @ W^T (+ bias) -> [T, n] in x's dtype, on a weight from pack_linear_weight.
-    next_packed: the packing the caller multiplies by next, which the fp32 kernel hints into
-    cache as it ends (a hint: values never change).
+    next_packed: the packing the caller multiplies by next, which the AVX-512 kernels (fp32,
+    bf16 without AMX) hint into cache as they end (a hint: values never change).
     Each output element is computed by the same operations whatever the other rows (fp32:
     FMA chains over 64-k blocks, summed in order; bf16: AMX tile dot products over k-blocks in order, in
     fp32, rounded once; or, without AMX, VDPBF16PS steps over k-pairs in order, or on Intel one FMA
     per k on bf16 widened to fp32, in fp32, rounded once), so rows are invariant to the batch by construction (no row tiles)."""
     load()
+    if next_packed is not None and next_packed.dtype != packed.dtype:
+        next_packed = None  # another kernel's layout: nothing this one can place
     if packed.dtype == torch.bfloat16:
-        op = (torch.ops.asyncengine_cpu.packed_linear_bf16 if bf16_gemm_kernel() == "amx"
-              else torch.ops.asyncengine_cpu.packed_linear_bf16_avx512)
-        return op(x, packed, None if bias is None else bias.float(), n)
-    if next_packed is not None and next_packed.dtype != torch.float32:
-        next_packed = None  # another kernel's layout: nothing the fp32 kernel can place
+        b = None if bias is None else bias.float()
+        if bf16_gemm_kernel() == "amx":
+            return torch.ops.asyncengine_cpu.packed_linear_bf16(x, packed, b, n)
+        return torch.ops.asyncengine_cpu.packed_linear_bf16_avx512(x, packed, b, n, None, next_packed)
     return torch.ops.asyncengine_cpu.packed_linear(x.contiguous(), packed, bias, n, next_packed)

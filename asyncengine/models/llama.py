@@ -189,7 +189,8 @@ class LlamaModel:
     def _next_packing(owns: list[torch.Tensor | None], i: int) -> torch.Tensor | None:
         """The packing multiplied by after gemm_weights()[i] (they are in call order), for the
         GEMM to hint into cache as it ends; none after qkv: attention's KV reads come between
-        and would evict it. What it gains is measured in kernels/csrc/gemm_cpu.cpp."""
+        and would evict it. What it gains is measured in kernels/csrc/gemm_cpu.cpp (fp32) and
+        gemm_bf16_avx512_cpu.cpp (bf16)."""
         return owns[i + 1] if i + 1 < len(owns) and i % 4 != 0 else None
 
     def packings(self) -> list[torch.Tensor]:

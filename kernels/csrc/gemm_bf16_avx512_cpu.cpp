@@ -40,6 +40,8 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "line_hints.h"
@@ -220,14 +222,35 @@ struct Bf16Gemm {
   }
 };
 
+// Row blocks of a call: at most max_rows rows (one task's rows), as even as the count allows.
+EvenSplit row_blocks(int64_t m, int64_t words) {
+  const int64_t max_rows = std::max<int64_t>(kMaxRows, kBlockBytes / (4 * words));
+  return {m, (m + max_rows - 1) / max_rows};
+}
+
+// Per thread, the slab it starts with in a call of m rows on `next` (the packing the model
+// multiplies by next), as (its first element, its lines): at::parallel_for gives thread i
+// the tasks from i * ceil(tasks / threads). Hints: a wrong guess costs bandwidth, never a value.
+std::vector<std::pair<const uint16_t*, int64_t>> first_slabs(const at::Tensor& next, int64_t m, bool fma) {
+  const int64_t lines = next.size(1) * 2, slabs = next.size(0) / kPanelAlign;
+  const int64_t count = slabs * row_blocks(m, (fma ? 2 : 1) * next.size(1)).parts;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  const int64_t chunk = (count + threads - 1) / threads;
+  const auto* w = reinterpret_cast<const uint16_t*>(next.data_ptr<c10::BFloat16>());
+  std::vector<std::pair<const uint16_t*, int64_t>> out;
+  for (int64_t i = 0; i < at::get_num_threads(); ++i)
+    out.push_back({w + (std::min(i, threads - 1) * chunk % slabs) * kPanelAlign * lines * kTile, lines});
+  return out;
+}
+
 template <bool Fma>
-void run(const uint16_t* x, const at::Tensor& packed, const float* bias, uint16_t* y, int64_t m, int64_t n, int64_t k) {
+void run(const uint16_t* x, const at::Tensor& packed, const float* bias, uint16_t* y, int64_t m, int64_t n, int64_t k,
+         const at::Tensor* next) {
   const int64_t pairs = (k + 1) / 2, words = (Fma ? 2 : 1) * pairs;  // 32-bit words per row of packed x
   // Rows in blocks of at most max_rows (one task's rows), each block in register tiles of
   // at most kMaxRows rows, both as even as the counts allow (no tile of a few rows whose
   // chains would wait on latency). first[b]: block b's first tile.
-  const int64_t max_rows = std::max<int64_t>(kMaxRows, kBlockBytes / (4 * words));
-  const EvenSplit blocks{m, (m + max_rows - 1) / max_rows};
+  const EvenSplit blocks = row_blocks(m, words);
   std::vector<Tile> tiles;
   std::vector<int64_t> first;
   for (int64_t b = 0; b < blocks.parts; ++b) {
@@ -257,19 +280,29 @@ void run(const uint16_t* x, const at::Tensor& packed, const float* bias, uint16_
   // layers streamed from memory, with and without it alternated in one process (medians
   // of 7): 16 rows 12.5 -> 9.9 ms, 8 rows 9.6 -> 8.6, 64 rows 35.8 -> 34.0, 1 and 512 rows
   // unchanged.
+  // The thread's last task hints, with `next`, the slab it starts the model's next GEMM
+  // with (as the fp32 kernel does its first group, kernels/csrc/gemm_cpu.cpp): one slab of
+  // 9-48 per thread at SmolLM2's shapes, so the gain is small. Measured on the same guest,
+  // 64-sequence bf16 decode at ~200-400 keys, two engines stepping alternately with equal
+  // tokens, 12 rounds twice: median step 85.0 -> 84.0 and 86.1 -> 85.2 ms, median paired
+  // ratio 0.994 and 0.991.
   const int64_t slab_lines = packed.size(1) * 2;  // 2 panels x Kp / 2 pairs x 64 bytes = Kp lines
+  const auto afters = next ? first_slabs(*next, m, Fma) : std::vector<std::pair<const uint16_t*, int64_t>>{};
   at::parallel_for(0, slabs * blocks.parts, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t tid = at::get_thread_num();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / slabs;
-      const uint16_t* next = g.w + ((t + 1) % slabs) * kPanelAlign * slab_lines * kTile;
-      g.block<Fma>(tiles, first[b], first[b + 1], (t % slabs) * kPanelAlign, next, t + 1 < t1 ? slab_lines : 0);
+      const uint16_t* next_w = g.w + ((t + 1) % slabs) * kPanelAlign * slab_lines * kTile;
+      int64_t next_lines = t + 1 < t1 ? slab_lines : 0;
+      if (t + 1 == t1 && tid < static_cast<int64_t>(afters.size())) std::tie(next_w, next_lines) = afters[tid];
+      g.block<Fma>(tiles, first[b], first[b + 1], (t % slabs) * kPanelAlign, next_w, next_lines);
     }
   });
 }
 #endif
 
 at::Tensor linear_bf16_avx512(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                              int64_t n, const std::optional<std::string>& chain) {
+                              int64_t n, const std::optional<std::string>& chain, const std::optional<at::Tensor>& next) {
   TORCH_CHECK(avx512_bf16_available(), "this CPU or build has no AVX512-BF16");
   const std::string which = chain ? *chain : avx512_bf16_chain();
   TORCH_CHECK(which == "dot" || which == "fma", "chain must be \"dot\" or \"fma\", got \"", which, "\"");
@@ -282,6 +315,9 @@ at::Tensor linear_bf16_avx512(const at::Tensor& x, const at::Tensor& packed, con
               "n does not match the packed weight");
   if (bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat &&
                         bias->is_contiguous(), "bias must be contiguous fp32 [N]");
+  if (next) TORCH_CHECK(next->dim() == 4 && next->scalar_type() == at::kBFloat16 && next->is_contiguous() &&
+                            next->size(2) == kTile && next->size(3) == 2 && next->size(0) % kPanelAlign == 0,
+                        "next must be a packed bf16 weight [P, Kp / 2, 16, 2]");
   const at::Tensor xc = x.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1);
   TORCH_CHECK(m * k < (int64_t(1) << 31), "x has too many elements for this kernel (M * K must be < 2^31)");
@@ -291,8 +327,9 @@ at::Tensor linear_bf16_avx512(const at::Tensor& x, const at::Tensor& packed, con
   const auto* xs = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   auto* ys = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
-  if (fma) run<true>(xs, packed, b, ys, m, n, k);
-  else run<false>(xs, packed, b, ys, m, n, k);
+  const at::Tensor* nx = next ? &*next : nullptr;
+  if (fma) run<true>(xs, packed, b, ys, m, n, k, nx);
+  else run<false>(xs, packed, b, ys, m, n, k, nx);
 #endif
   return y;
 }
@@ -302,6 +339,7 @@ at::Tensor linear_bf16_avx512(const at::Tensor& x, const at::Tensor& packed, con
 TORCH_LIBRARY_FRAGMENT(asyncengine_cpu, m) {
   m.def("avx512_bf16_available() -> bool", &avx512_bf16_available);
   m.def("avx512_bf16_chain() -> str", &avx512_bf16_chain);
-  m.def("packed_linear_bf16_avx512(Tensor x, Tensor packed, Tensor? bias, int n, str? chain=None) -> Tensor",
+  m.def("packed_linear_bf16_avx512(Tensor x, Tensor packed, Tensor? bias, int n, str? chain=None, Tensor? next=None) "
+        "-> Tensor",
         &linear_bf16_avx512);
 }

@@ -30,9 +30,9 @@ CHAINS = ("dot", "fma")
 
 
 def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int,
-            chain: str | None = None) -> torch.Tensor:
+            chain: str | None = None, next_packed: torch.Tensor | None = None) -> torch.Tensor:
     return torch.ops.asyncengine_cpu.packed_linear_bf16_avx512(
-        x, packed, None if bias is None else bias.float(), n, chain)
+        x, packed, None if bias is None else bias.float(), n, chain, next_packed)
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
@@ -105,6 +105,10 @@ def test_avx512_bf16_linear_rows_are_invariant(k: int, n: int, chain: str) -> No
     big = torch.randn(700, k, generator=g).bfloat16()
     rows = [0, 1, 11, 12, 349, 350, 699]
     assert torch.equal(_linear(big, packed, b, n, chain)[rows], _linear(big[rows], packed, b, n, chain))
+    # the next call's packing to hint as the call ends never changes a value
+    after = _pack(torch.randn(3 * 96 + 32, 2 * k + 5, generator=g).bfloat16())
+    for t in (x, big):
+        assert torch.equal(_linear(t, packed, b, n, chain, after), _linear(t, packed, b, n, chain))
 
 
 def test_avx512_bf16_chain_is_a_function_of_the_cpu() -> None:
@@ -152,6 +156,8 @@ def test_avx512_bf16_linear_rejects_bad_inputs() -> None:
         _linear(torch.randn(3, 24).bfloat16(), packed.float(), None, 40)
     with pytest.raises(RuntimeError, match="chain must be"):
         _linear(torch.randn(3, 24).bfloat16(), packed, None, 40, "amx")
+    with pytest.raises(RuntimeError, match="next must be a packed bf16 weight"):
+        _linear(torch.randn(3, 24).bfloat16(), packed, None, 40, None, packed.float())
     assert _linear(torch.randn(0, 24).bfloat16(), packed, None, 40).shape == (0, 40)
     # A non-contiguous x is accepted (copied), with the same bits as its contiguous copy.
     x = torch.randn(24, 6).bfloat16().t()
