@@ -254,7 +254,7 @@ std::vector<std::pair<const uint16_t*, int64_t>> first_slabs(const at::Tensor& n
 // one more barrier. Measured on an AMD EPYC (Zen 4) guest, 2 threads, weights in cache,
 // both ways alternated in one process (medians of 15): 64 rows 0.93-0.95x the time at
 // K = 576, 0.72x for the down projection (K = 1536); 1-16 rows 0.78-0.99x; 512 rows
-// 0.99-1.03x, except 0.90x for N = 960. In the engine, 64-sequence bf16 decode, one engine
+// 0.99-1.03x, except 0.90x for N = 960; 2048 rows 0.97-1.00x. In the engine, 64-sequence bf16 decode, one engine
 // switching between the two every step (120 pairs): median step 87.6 -> 85.8 ms, median
 // paired ratio 0.977; 16 sequences 0.987.
 template <bool Fma>
