@@ -25,8 +25,8 @@
 // Speed (why the shape): a register tile is up to 12 rows x 2 panels: 24 accumulators,
 // 2 (dot) or 4 (fma) weight vectors and a broadcast of 32 zmm, so the 24 independent
 // chains cover the latency and each k-pair needs 2 weight loads and 12 (dot) or 24 (fma)
-// broadcasts, all loads, no shuffle port. x is repacked at each call (by every thread for
-// its own tasks' rows: pack_own_rows) into each tile's own k-major run (16 x 16 transposes
+// broadcasts, all loads, no shuffle port. x is repacked at each call (at decode by every
+// thread for itself: pack_own_rows) into each tile's own k-major run (16 x 16 transposes
 // in registers; fp32 already for fma; an odd K's last pair padded once), so a tile streams
 // it in order. A task is 32 columns x a block of rows: its
 // weights (K x 64 B) are read from memory once (prefetched into L2 during the task before)
@@ -244,28 +244,41 @@ std::vector<std::pair<const uint16_t*, int64_t>> first_slabs(const at::Tensor& n
   return out;
 }
 
-// The register tiles [t0, t1) of x [M, K] packed (pack_tile) into the calling thread's own
-// buffer, which it keeps across calls (a fresh allocation of a prefill chunk's size would be
-// mapped and page-faulted anew each call): tile i at row tiles[i].r0 * words.
+// x [M, K] packed (pack_tile) tile by tile, tile i at row tiles[i].r0 * words, into a
+// buffer each thread keeps across calls (a fresh allocation of a prefill chunk's size
+// would be mapped and page-faulted anew each call).
 //
-// Every thread packs the row blocks of its own tasks, so at decode, where tasks split the
-// columns, each thread packs all of x. It used to be packed once, split over the threads,
-// before the tasks; then each thread read half of its x from the other core's cache, after
-// one more barrier. Measured on an AMD EPYC (Zen 4) guest, 2 threads, weights in cache,
-// both ways alternated in one process (medians of 15): 64 rows 0.93-0.95x the time at
-// K = 576, 0.72x for the down projection (K = 1536); 1-16 rows 0.78-0.99x; 512 rows
-// 0.99-1.03x, except 0.90x for N = 960; 2048 rows 0.97-1.00x. In the engine, 64-sequence bf16 decode, one engine
-// switching between the two every step (120 pairs): median step 87.6 -> 85.8 ms, median
-// paired ratio 0.977; 16 sequences 0.987.
+// With one row block (every decode step; up to 341-910 rows at SmolLM2's K) every thread's
+// tasks read all of x, and each thread packs it itself (pack_own_rows) into its own buffer.
+// It used to be packed once, split over the threads, before the tasks; then each thread
+// read half of its x from the other core's cache, after one more barrier. Measured on an
+// AMD EPYC (Zen 4) guest, 2 threads, weights in cache, both ways alternated in one process
+// (medians of 15): 64 rows 0.93-0.95x the time at K = 576, 0.72x for the down projection
+// (K = 1536); 1-16 rows 0.78-0.99x; 128-256 rows 0.76-1.00x. In the engine, 64-sequence
+// bf16 decode, one engine switching between the two every step (120 pairs): median step
+// 87.6 -> 85.8 ms, median paired ratio 0.977; 16 sequences 0.987.
+// With several row blocks (prefill chunks) threads need mostly different rows, so x is
+// still packed once, split over the threads (pack_shared): packing every block a thread
+// touches measured 0.88-1.05x at 900-2048 rows, and 1.00-1.04x on 2048-token prefill steps.
 template <bool Fma>
-const uint32_t* pack_own_rows(const uint16_t* x, int64_t k, int64_t words, const std::vector<Tile>& tiles,
-                              int64_t t0, int64_t t1) {
+const uint32_t* pack_own_rows(const uint16_t* x, int64_t k, int64_t words, const std::vector<Tile>& tiles) {
   thread_local std::vector<uint32_t> buffer;
   const size_t need = static_cast<size_t>(tiles.back().r0 + tiles.back().rows) * words;
   if (buffer.size() < need) buffer.resize(need);
-  for (int64_t t = t0; t < t1; ++t)
-    pack_tile<Fma>(x, k, tiles[t].r0, tiles[t].rows, buffer.data() + tiles[t].r0 * words);
+  for (const Tile& t : tiles) pack_tile<Fma>(x, k, t.r0, t.rows, buffer.data() + t.r0 * words);
   return buffer.data();
+}
+
+template <bool Fma>
+const uint32_t* pack_shared(const uint16_t* x, int64_t k, int64_t words, const std::vector<Tile>& tiles) {
+  thread_local std::vector<uint32_t> buffer;  // the calling thread's, filled by every thread
+  const size_t need = static_cast<size_t>(tiles.back().r0 + tiles.back().rows) * words;
+  if (buffer.size() < need) buffer.resize(need);
+  uint32_t* xp = buffer.data();
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) pack_tile<Fma>(x, k, tiles[t].r0, tiles[t].rows, xp + tiles[t].r0 * words);
+  });
+  return xp;
 }
 
 template <bool Fma>
@@ -304,9 +317,10 @@ void run(const uint16_t* x, const at::Tensor& packed, const float* bias, uint16_
   // ratio 0.994 and 0.991.
   const int64_t slab_lines = packed.size(1) * 2;  // 2 panels x Kp / 2 pairs x 64 bytes = Kp lines
   const auto afters = next ? first_slabs(*next, m, Fma) : std::vector<std::pair<const uint16_t*, int64_t>>{};
+  const uint32_t* shared = blocks.parts > 1 ? pack_shared<Fma>(x, k, words, tiles) : nullptr;
   at::parallel_for(0, slabs * blocks.parts, 1, [&](int64_t t0, int64_t t1) {
-    const Bf16Gemm g{pack_own_rows<Fma>(x, k, words, tiles, first[t0 / slabs], first[(t1 - 1) / slabs + 1]), w, bias,
-                     y, n, pairs, packed.size(1) * 2};
+    const Bf16Gemm g{shared ? shared : pack_own_rows<Fma>(x, k, words, tiles), w, bias, y, n, pairs,
+                     packed.size(1) * 2};
     const int64_t tid = at::get_thread_num();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / slabs;
