@@ -28,10 +28,10 @@
 // broadcasts, all loads, no shuffle port. x is repacked at each call (at decode by every
 // thread for itself: pack_own_rows) into each tile's own k-major run (16 x 16 transposes
 // in registers; fp32 already for fma; an odd K's last pair padded once), so a tile streams
-// it in order. A task is 32 columns x a block of rows: its
-// weights (K x 64 B) are read from memory once (prefetched into L2 during the task before)
-// and stay in L1/L2 for every tile of the block; tasks split the columns first, so a decode
-// step's few rows keep every thread busy.
+// it in order. A task is 32 columns x a block of rows: its weights (K x 64 B) are read from
+// memory once (prefetched into L2 during the task before) and stay in L1/L2 for every tile
+// of the block; tasks split the columns first, so a decode step's few rows keep every
+// thread busy.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -244,9 +244,16 @@ std::vector<std::pair<const uint16_t*, int64_t>> first_slabs(const at::Tensor& n
   return out;
 }
 
+// The calling thread's buffer of at least `words` 32-bit words, kept across calls (a fresh
+// allocation of a prefill chunk's size would be mapped and page-faulted anew each call).
+inline uint32_t* thread_buffer(size_t words) {
+  thread_local std::vector<uint32_t> buffer;
+  if (buffer.size() < words) buffer.resize(words);
+  return buffer.data();
+}
+
 // x [M, K] packed (pack_tile) tile by tile, tile i at row tiles[i].r0 * words, into a
-// buffer each thread keeps across calls (a fresh allocation of a prefill chunk's size
-// would be mapped and page-faulted anew each call).
+// thread's buffer.
 //
 // With one row block (every decode step; up to 341-910 rows at SmolLM2's K) every thread's
 // tasks read all of x, and each thread packs it itself (pack_own_rows) into its own buffer.
@@ -261,20 +268,15 @@ std::vector<std::pair<const uint16_t*, int64_t>> first_slabs(const at::Tensor& n
 // still packed once, split over the threads (pack_shared): packing every block a thread
 // touches measured 0.88-1.05x at 900-2048 rows, and 1.00-1.04x on 2048-token prefill steps.
 template <bool Fma>
-const uint32_t* pack_own_rows(const uint16_t* x, int64_t k, int64_t words, const std::vector<Tile>& tiles) {
-  thread_local std::vector<uint32_t> buffer;
-  const size_t need = static_cast<size_t>(tiles.back().r0 + tiles.back().rows) * words;
-  if (buffer.size() < need) buffer.resize(need);
-  for (const Tile& t : tiles) pack_tile<Fma>(x, k, t.r0, t.rows, buffer.data() + t.r0 * words);
-  return buffer.data();
+const uint32_t* pack_own_rows(const uint16_t* x, int64_t m, int64_t k, int64_t words, const std::vector<Tile>& tiles) {
+  uint32_t* xp = thread_buffer(static_cast<size_t>(m * words));
+  for (const Tile& t : tiles) pack_tile<Fma>(x, k, t.r0, t.rows, xp + t.r0 * words);
+  return xp;
 }
 
 template <bool Fma>
-const uint32_t* pack_shared(const uint16_t* x, int64_t k, int64_t words, const std::vector<Tile>& tiles) {
-  thread_local std::vector<uint32_t> buffer;  // the calling thread's, filled by every thread
-  const size_t need = static_cast<size_t>(tiles.back().r0 + tiles.back().rows) * words;
-  if (buffer.size() < need) buffer.resize(need);
-  uint32_t* xp = buffer.data();
+const uint32_t* pack_shared(const uint16_t* x, int64_t m, int64_t k, int64_t words, const std::vector<Tile>& tiles) {
+  uint32_t* xp = thread_buffer(static_cast<size_t>(m * words));  // the calling thread's, filled by all
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) pack_tile<Fma>(x, k, tiles[t].r0, tiles[t].rows, xp + tiles[t].r0 * words);
   });
@@ -317,9 +319,9 @@ void run(const uint16_t* x, const at::Tensor& packed, const float* bias, uint16_
   // ratio 0.994 and 0.991.
   const int64_t slab_lines = packed.size(1) * 2;  // 2 panels x Kp / 2 pairs x 64 bytes = Kp lines
   const auto afters = next ? first_slabs(*next, m, Fma) : std::vector<std::pair<const uint16_t*, int64_t>>{};
-  const uint32_t* shared = blocks.parts > 1 ? pack_shared<Fma>(x, k, words, tiles) : nullptr;
+  const uint32_t* shared = blocks.parts > 1 ? pack_shared<Fma>(x, m, k, words, tiles) : nullptr;
   at::parallel_for(0, slabs * blocks.parts, 1, [&](int64_t t0, int64_t t1) {
-    const Bf16Gemm g{shared ? shared : pack_own_rows<Fma>(x, k, words, tiles), w, bias, y, n, pairs,
+    const Bf16Gemm g{shared ? shared : pack_own_rows<Fma>(x, m, k, words, tiles), w, bias, y, n, pairs,
                      packed.size(1) * 2};
     const int64_t tid = at::get_thread_num();
     for (int64_t t = t0; t < t1; ++t) {
