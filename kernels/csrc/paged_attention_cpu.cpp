@@ -7,6 +7,8 @@
 // so a row's bits depend only on its query, its keys and this binary: never on which
 // other rows, sequences, chunks or threads share the call (batch invariance by design).
 // Keys past a row's position are never multiplied, so stale slots (even NaN) are inert.
+// Single-token items on new_kv_cache's layout (every decode) run paged_decode.h: the same
+// operations per row, laid out for that layout alone.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -20,6 +22,7 @@
 #include <vector>
 
 #include "paged_attention.h"
+#include "paged_decode.h"
 #include "vec16.h"
 
 namespace {
@@ -44,6 +47,7 @@ struct Worker {
   std::vector<float> scores;    // [rows, width]
   std::vector<float> den;       // [rows]
   LineQueue ahead;              // cache lines to fetch while computing
+  bool joint = false;           // the caches are in new_kv_cache's layout: decode items go to paged_decode.h
   static constexpr int64_t kKeysAhead = 2 * kLanes;
   // How far ahead the values pass fetches: kKeysAhead rounded up to whole blocks.
   int64_t values_ahead() const { return (kKeysAhead + V.block_size - 1) / V.block_size * V.block_size; }
@@ -61,6 +65,7 @@ struct Worker {
   // first values), the values pass fetches values kKeysAhead on and the first keys of
   // `next` (the item this thread runs next, or null).
   void run(const Item& it, const Item* next) {
+    if (NV > 0 && joint && it.t1 - it.t0 == 1) return run_decode(it, next);
     const int64_t first_pos = this->first_pos(it);
     const int64_t rows = (it.t1 - it.t0) * P.group;
     const int64_t last = last_key(it);  // the furthest key any row sees
@@ -87,6 +92,15 @@ struct Worker {
       r += n;
     }
     ahead.all();
+  }
+
+  void run_decode(const Item& it, const Item* next) {
+    const int64_t row0 = (row_token(it, 0) * P.num_heads + row_head(it, 0)) * P.head_dim;  // its G rows follow
+    const int64_t* table = table_of(it);
+    HalfSlices<T> ahead_runs(K, next != nullptr ? table_of(*next) : nullptr, next != nullptr ? next->kv_head : 0,
+                             next != nullptr ? last_key(*next) + 1 : 0, P.head_dim, K.at(table, 0, it.kv_head));
+    decode_item<NV>(P.q + row0, P.out + row0, P.group, first_pos(it), P.scale, table, it.kv_head, K, V, ahead_runs,
+                    scores, den);
   }
 
   // Scores, 16 keys at a time from the chunk's keys as [D, 16]: the cache's own layout
@@ -175,21 +189,6 @@ struct Worker {
     }
   }
 
-  // In place: s[0..pos] -> exp(s - max); den = the sum (16 lane sums, then a fixed tree).
-  static void softmax_row(float* s, int64_t pos, float& den) {
-    const float ninf = -std::numeric_limits<float>::infinity();
-    V16 m = vsplat(ninf);
-    for (int64_t c0 = 0; c0 <= pos; c0 += kLanes)
-      m = vmax(m, vkeep_first(vload(s + c0), static_cast<int>(pos + 1 - c0), ninf));
-    V16 mx = vsplat(hmax(m)), sum = vzero();
-    for (int64_t c0 = 0; c0 <= pos; c0 += kLanes) {
-      V16 e = vkeep_first(vexp(vsub(vload(s + c0), mx)), static_cast<int>(pos + 1 - c0), 0.0f);
-      vstore(s + c0, e);
-      sum = vadd(sum, e);
-    }
-    den = hsum(sum);
-  }
-
   // Rows r..r+R-1 (one token: the same pos): o = (sum_{j <= pos} p_j v_j) / den, one FMA
   // chain per row and 16 values of d, j ascending.
   static constexpr int kMaxNV = NV > 0 ? NV : 16;
@@ -247,6 +246,7 @@ void run_items(const Problem& P, const PagedCache<T>& K, const PagedCache<T>& V,
   // changes what the item computes.
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t end) {
     Worker<T, NV> w{P, K, V};
+    w.joint = joint_layout(K, V, P.head_dim);
     for (int64_t t = begin; t < end; ++t) {
       // Claim the next item before running this one, so its first keys are fetched ahead.
       for (int64_t i = next++; i < n;) {
