@@ -18,7 +18,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 #include "paged_attention.h"
