@@ -161,10 +161,20 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 }
 
 // One head of one token: x1 * c + (-x2) * s | x2 * c + x1 * s, each product and sum
-// rounded to T as the torch reference computes it (cos/sin first cast to T).
+// rounded to T as the torch reference computes it (cos/sin first cast to T). Sixteen
+// lanes at a time, then the same operations per element on the tail (-x is vmul by -1,
+// exact, so a zero keeps the sign the scalar negation gives it).
 template <typename T>
 inline void rotate(const T* x, const float* cs, int64_t half, T* out) {
-  for (int64_t i = 0; i < half; ++i) {
+  const V16 neg = vsplat(-1.0f);
+  int64_t i = 0;
+  for (; i + kLanes <= half; i += kLanes) {
+    const V16 c = vround_to<T>(load16(cs + i)), s = vround_to<T>(load16(cs + half + i));
+    const V16 x1 = load16(x + i), x2 = load16(x + half + i);
+    store16(out + i, vadd(vround_to<T>(vmul(x1, c)), vround_to<T>(vmul(vmul(neg, x2), s))));
+    store16(out + half + i, vadd(vround_to<T>(vmul(x2, c)), vround_to<T>(vmul(x1, s))));
+  }
+  for (; i < half; ++i) {
     const float c = rnd<T>(cs[i]), s = rnd<T>(cs[half + i]);
     const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[half + i]);
     out[i] = static_cast<T>(rnd<T>(x1 * c) + rnd<T>(-x2 * s));
@@ -174,10 +184,23 @@ inline void rotate(const T* x, const float* cs, int64_t half, T* out) {
 
 struct StridedCache {
   int64_t s_block, s_slot, s_head, s_d, block_size;
-  int64_t at(int64_t slot, int64_t head, int64_t d) const {
-    return (slot / block_size) * s_block + (slot % block_size) * s_slot + head * s_head + d * s_d;
+  int64_t at(int64_t slot, int64_t head) const {  // element (slot, head, d = 0)
+    return (slot / block_size) * s_block + (slot % block_size) * s_slot + head * s_head;
   }
 };
+
+// Write-intent prefetch of the cache lines one (slot, head) row of d elements lands on.
+// The new token's rows are cold (last read a step ago, 30 layers of KV since), and on
+// new_kv_cache's layout a key's d elements lie on d separate lines (keys are d-major):
+// asking for them a token ahead overlaps their misses with the rotations. With the
+// vector rotation: 120 -> 87 us a call in a 64-sequence bf16 decode step (AMD EPYC Zen 4,
+// old and new op alternated step by step in one engine), ~1 ms of a ~90 ms step.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t d, int64_t s_d) {
+  const int64_t step = std::max<int64_t>(1, 64 / std::max<int64_t>(1, s_d * static_cast<int64_t>(sizeof(T))));
+  for (int64_t j = 0; j < d; j += step) __builtin_prefetch(row + j * s_d, 1, 3);
+  __builtin_prefetch(row + (d - 1) * s_d, 1, 3);
+}
 
 template <typename T>
 void rope_store_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* pos,
@@ -187,19 +210,30 @@ void rope_store_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
+  auto prefetch_token = [&](int64_t t) {
+    for (int64_t h = 0; h < hkv; ++h) {
+      prefetch_row(kc + KC.at(slots[t], h), d, KC.s_d);
+      prefetch_row(vc + VC.at(slots[t], h), d, VC.s_d);
+    }
+  };
   at::parallel_for(0, t_n, grain((hq + 2 * hkv) * d), [&](int64_t t0, int64_t t1) {
     std::vector<T> tmp(d);
+    if (t0 < t1) prefetch_token(t0);
     for (int64_t t = t0; t < t1; ++t) {
+      if (t + 1 < t1) prefetch_token(t + 1);
       const float* cs = cos_sin + pos[t] * d;
       for (int64_t h = 0; h < hq; ++h) {
         rotate<T>(qp + t * qs0 + h * qs1, cs, half, tmp.data());
-        for (int64_t j = 0; j < d; ++j) q_out[(t * hq + h) * d + j] = static_cast<float>(tmp[j]);
+        float* qo = q_out + (t * hq + h) * d;
+        for (int64_t j = 0; j < d; ++j) qo[j] = static_cast<float>(tmp[j]);
       }
       for (int64_t h = 0; h < hkv; ++h) {
         rotate<T>(kp + t * ks0 + h * ks1, cs, half, tmp.data());
-        for (int64_t j = 0; j < d; ++j) kc[KC.at(slots[t], h, j)] = tmp[j];
+        T* kr = kc + KC.at(slots[t], h);
+        for (int64_t j = 0; j < d; ++j) kr[j * KC.s_d] = tmp[j];
         const T* vr = vp + t * vs0 + h * vs1;
-        for (int64_t j = 0; j < d; ++j) vc[VC.at(slots[t], h, j)] = vr[j];
+        T* vo = vc + VC.at(slots[t], h);
+        for (int64_t j = 0; j < d; ++j) vo[j * VC.s_d] = vr[j];
       }
     }
   });
