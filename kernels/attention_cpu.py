@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "paged_attention_cpu.cpp", CSRC / "fused_ops_cpu.cpp", CSRC / "gemm_cpu.cpp", CSRC / "gemm_amx_cpu.cpp",
-           CSRC / "gemm_bf16_avx512_cpu.cpp", CSRC / "sol_probe_cpu.cpp"]
+           CSRC / "gemm_bf16_avx512_cpu.cpp", CSRC / "sol_probe_cpu.cpp", CSRC / "decoder_layers_cpu.cpp"]
 # -ffp-contract=off: only the source's explicit FMAs fuse, so the rounding of every op
 # is fixed by the source, not by what the optimizer happens to contract.
 # -fopenmp: at::parallel_for is inlined from the headers; the libgomp.so.1 it needs is
@@ -244,3 +244,27 @@ def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor 
             return torch.ops.asyncengine_cpu.packed_linear_bf16(x, packed, b, n)
         return torch.ops.asyncengine_cpu.packed_linear_bf16_avx512(x, packed, b, n, None, next_packed)
     return torch.ops.asyncengine_cpu.packed_linear(x.contiguous(), packed, bias, n, next_packed)
+
+
+def gemm_kernel(dtype: torch.dtype) -> str:
+    """The kernel packed_linear_cpu runs on a packing of `dtype`: "fp32", "amx" or "avx512"."""
+    if dtype == torch.float32:
+        return "fp32"
+    return "amx" if bf16_gemm_kernel() == "amx" else "avx512"
+
+
+def decoder_layers_cpu(
+    h: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], dims: list[int],
+    meta: AttentionMetadata, cos_sin: torch.Tensor, kv: list[torch.Tensor], scale: float, eps: float, gemm: str,
+) -> torch.Tensor:
+    """Every decoder layer of a step, then the final norm, as one op
+    (kernels/csrc/decoder_layers_cpu.cpp): the ops above in the Python loop's order, with its
+    arguments, so the same bits. h: [T, H] embeddings -> [T, H]. weights: per layer
+    [attn_norm, qkv, o, mlp_norm, gate_up, down] (GEMM weights as packed), the final norm, and
+    optionally the head's packing (the last GEMM's cache hint); biases: per layer [qkv, o,
+    gate_up, down]; dims: [heads, kv_heads, head_dim, the four GEMMs' outputs]; kv: per layer
+    [k_cache, v_cache]; gemm: gemm_kernel() of the packings."""
+    load()
+    return torch.ops.asyncengine_cpu.decoder_layers(
+        h, weights, biases, dims, meta.positions, cos_sin, kv, meta.slot_mapping, meta.query_start_loc,
+        meta.seq_lens, meta.block_tables, scale, eps, gemm)

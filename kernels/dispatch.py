@@ -52,10 +52,15 @@ class KernelOps:
     # (next_packed: the packing multiplied by next, a cache hint).
     pack_linear: Callable[[torch.Tensor], torch.Tensor | None] | None = None
     packed_linear: Callable[..., torch.Tensor] | None = None
+    # Every decoder layer as one call (attention_cpu.decoder_layers_cpu) composing the ops
+    # named in LAYER_LOOP_OPS; used only while those are this backend's (layer_loop()).
+    decoder_layers: Callable[..., torch.Tensor] | None = None
 
 
 # KernelOps fields a backend may leave None.
-OPTIONAL_FUSED = ("silu_mul", "rope_store_kv", "pack_linear", "packed_linear")
+OPTIONAL_FUSED = ("silu_mul", "rope_store_kv", "pack_linear", "packed_linear", "decoder_layers")
+# The ops decoder_layers runs in C++: the loop may stand in for them only while they are CPU_OPS's.
+LAYER_LOOP_OPS = ("rms_norm", "rope_store_kv", "paged_attention", "silu_mul", "packed_linear")
 
 TORCH_OPS = KernelOps(
     name="torch",
@@ -74,7 +79,15 @@ CPU_OPS = replace(TORCH_OPS, name="cpu", paged_attention=attention_cpu.paged_att
                   store_kv=attention_cpu.store_kv_cpu, new_kv_cache=attention_cpu.new_kv_cache,
                   rms_norm=attention_cpu.rms_norm_cpu, silu_mul=attention_cpu.silu_mul_cpu,
                   rope_store_kv=attention_cpu.rope_store_kv_cpu, pack_linear=attention_cpu.pack_linear_weight,
-                  packed_linear=attention_cpu.packed_linear_cpu)
+                  packed_linear=attention_cpu.packed_linear_cpu, decoder_layers=attention_cpu.decoder_layers_cpu)
+
+
+def layer_loop(ops: KernelOps) -> Callable[..., torch.Tensor] | None:
+    """ops.decoder_layers where it computes what the model's Python loop over `ops` would:
+    none when an op it composes was replaced (a test's or a bench's wrapper keeps working)."""
+    if ops.decoder_layers is None or any(getattr(ops, f) is not getattr(CPU_OPS, f) for f in LAYER_LOOP_OPS):
+        return None
+    return ops.decoder_layers
 
 
 def triton_available() -> bool:

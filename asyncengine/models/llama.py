@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from asyncengine.models.args import ModelArgs
+from asyncengine.models.layer_loop import LayerLoop
 from kernels.attention import AttentionMetadata
 from kernels.dispatch import KernelOps
 from kernels.huge_pages import Arena
@@ -148,6 +149,7 @@ class LlamaModel:
         # packed copy, the backend's own packing or None for oneDNN's); see repack().
         self._packed: dict[int, tuple[int, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
                                       torch.Tensor | None]] = {}
+        self._layer_loop: LayerLoop | None = None  # the compiled loop over _packed, where there is one
 
     def gemm_weights(self) -> list[torch.Tensor]:
         return [w for layer in self.layers for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)] + [
@@ -184,6 +186,7 @@ class LlamaModel:
             else:
                 continue
             self._packed[id(w)] = (w._version, run, own)
+        self._layer_loop = LayerLoop.build(self)
 
     @staticmethod
     def _next_packing(owns: list[torch.Tensor | None], i: int) -> torch.Tensor | None:
@@ -210,6 +213,9 @@ class LlamaModel:
         h = self.embed.index_select(0, input_ids)  # [T, H]
         residual: torch.Tensor | None = None
         eps = self.args.rms_norm_eps
+        loop = self._layer_loop
+        if loop is not None and loop.current(self.ops):  # the same loop, compiled (layer_loop.py)
+            return loop(h, meta, kv_caches, self.cos_sin, self.scale, eps)
         for layer, kv in zip(self.layers, kv_caches):
             if residual is None:  # first layer: the embedding is the residual stream
                 x, residual = self.ops.rms_norm(h, layer.attn_norm, eps)[0], h

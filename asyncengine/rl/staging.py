@@ -24,7 +24,7 @@ from asyncengine.rl.packing import matches_op, pack_into, packed_numel
 from kernels.huge_pages import Arena
 
 # The attributes of LlamaModel that hold weights (and their packed layouts).
-_WEIGHT_ATTRS = ("embed", "layers", "final_norm", "lm_head", "_packed")
+_WEIGHT_ATTRS = ("embed", "layers", "final_norm", "lm_head", "_packed", "_layer_loop")
 _PAGE = 4096
 
 
@@ -42,6 +42,7 @@ def shadow_of(model: LlamaModel, keep_values: bool = True) -> LlamaModel:
     # A tied head in the body's dtype is the embedding tensor itself: keep it that way.
     shadow.lm_head = shadow.embed if model.lm_head is model.embed else dup(model.lm_head)
     shadow._packed = {}
+    shadow._layer_loop = None  # it captured the live weights: repack() builds the shadow's own
     return shadow
 
 
