@@ -29,12 +29,12 @@ if TYPE_CHECKING:
 class LayerLoop:
     """ops.decoder_layers' arguments for one model's weights, gathered at repack().
 
-    It stands in for the Python loop only while nothing it captured moved: the ops are the
-    same object (a wrapper put in since means the Python loop), and every packed weight's
-    version is the one it was packed at (a weight written in place falls back, as
-    LlamaModel._linear does)."""
+    It stands in for the Python loop only while nothing it captured moved: the ops it
+    composes are still the backend's (a wrapper put in since means the Python loop; other
+    fields may differ, as the pack_linear that rl/staging.py swaps in while it repacks),
+    and every packed weight's version is the one it was packed at (a weight written in
+    place falls back, as LlamaModel._linear does)."""
 
-    ops: KernelOps
     run: Callable[..., torch.Tensor]
     weights: list[torch.Tensor]  # per layer [attn_norm, qkv, o, mlp_norm, gate_up, down], final norm, head?
     biases: list[torch.Tensor | None]  # per layer [qkv, o, gate_up, down]
@@ -69,10 +69,10 @@ class LayerLoop:
         a, first = model.args, model.layers[0]
         dims = [a.num_heads, a.num_kv_heads, a.head_dim, first.qkv.shape[0], first.o_proj.shape[0],
                 first.gate_up.shape[0], first.down.shape[0]]
-        return cls(model.ops, run, weights, biases, dims, gemm_kernel(first.qkv.dtype), versions)
+        return cls(run, weights, biases, dims, gemm_kernel(first.qkv.dtype), versions)
 
     def current(self, ops: KernelOps) -> bool:
-        return ops is self.ops and all(w._version == v for w, v in self.versions)
+        return layer_loop(ops) is self.run and all(w._version == v for w, v in self.versions)
 
     def __call__(self, h: torch.Tensor, meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  cos_sin: torch.Tensor, scale: float, eps: float) -> torch.Tensor:
