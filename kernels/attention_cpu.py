@@ -247,7 +247,9 @@ def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor 
 
 
 def gemm_kernel(dtype: torch.dtype) -> str:
-    """The kernel packed_linear_cpu runs on a packing of `dtype`: "fp32", "amx" or "avx512"."""
+    """The kernel packed_linear_cpu runs on a packing of `dtype`: "fp32", "amx" or "avx512".
+    Asked through bf16_gemm_kernel(), so whatever picks the Python loop's bf16 kernel (a test
+    forcing "avx512" on an AMX CPU) picks decoder_layers_cpu's too."""
     if dtype == torch.float32:
         return "fp32"
     return "amx" if bf16_gemm_kernel() == "amx" else "avx512"
