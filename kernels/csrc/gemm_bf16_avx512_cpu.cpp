@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "line_hints.h"
+#include "task_runs.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -320,16 +321,19 @@ void run(const uint16_t* x, const at::Tensor& packed, const float* bias, uint16_
   const int64_t slab_lines = packed.size(1) * 2;  // 2 panels x Kp / 2 pairs x 64 bytes = Kp lines
   const auto afters = next ? first_slabs(*next, m, Fma) : std::vector<std::pair<const uint16_t*, int64_t>>{};
   const uint32_t* shared = blocks.parts > 1 ? pack_shared<Fma>(x, m, k, words, tiles) : nullptr;
-  at::parallel_for(0, slabs * blocks.parts, 1, [&](int64_t t0, int64_t t1) {
+  // A thread done with its run takes tasks from the end of the other's (task_runs.h); a
+  // taken task hints nothing.
+  parallel_runs(slabs * blocks.parts, [&](TaskRuns& runs, int64_t tid) {
     const Bf16Gemm g{shared ? shared : pack_own_rows<Fma>(x, m, k, words, tiles), w, bias, y, n, pairs,
                      packed.size(1) * 2};
-    const int64_t tid = at::get_thread_num();
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / slabs;
-      const uint16_t* next_w = g.w + ((t + 1) % slabs) * kPanelAlign * slab_lines * kTile;
-      int64_t next_lines = t + 1 < t1 ? slab_lines : 0;
-      if (t + 1 == t1 && tid < static_cast<int64_t>(afters.size())) std::tie(next_w, next_lines) = afters[tid];
-      g.block<Fma>(tiles, first[b], first[b + 1], (t % slabs) * kPanelAlign, next_w, next_lines);
+    TaskRuns::Next t;
+    while (runs.next(tid, t)) {
+      const int64_t b = t.task / slabs;
+      const uint16_t* next_w = g.w + ((t.task + 1) % slabs) * kPanelAlign * slab_lines * kTile;
+      int64_t next_lines = t.task + 1 < t.end && !t.stolen ? slab_lines : 0;
+      if (t.task + 1 == t.end && !t.stolen && tid < static_cast<int64_t>(afters.size()))
+        std::tie(next_w, next_lines) = afters[tid];
+      g.block<Fma>(tiles, first[b], first[b + 1], (t.task % slabs) * kPanelAlign, next_w, next_lines);
     }
   });
 }

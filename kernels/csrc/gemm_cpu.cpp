@@ -37,13 +37,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "line_hints.h"
+#include "task_runs.h"
 #include "vec16.h"
 
 namespace {
@@ -263,12 +266,17 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   // rounds faster).
   auto group_lines = [&](int64_t gi) { return std::min<int64_t>(kGroup, panels - gi * kGroup) * k; };
   const auto afters = next && g.spread() ? first_groups(*next, m) : std::vector<std::pair<const float*, int64_t>>{};
-  at::parallel_for(0, tasks.count(), 1, [&](int64_t t0, int64_t t1) {
-    const int64_t tid = at::get_thread_num();
+  // A thread done with its run takes tasks from the end of the other's (task_runs.h); a
+  // taken task hints nothing.
+  parallel_runs(tasks.count(), [&](TaskRuns& runs, int64_t tid) {
     const auto after = tid < static_cast<int64_t>(afters.size()) ? afters[tid] : std::pair<const float*, int64_t>{g.w, 0};
-    for (int64_t t = t0; t < t1; ++t) {
+    TaskRuns::Next next_task;
+    while (runs.next(tid, next_task)) {
+      const int64_t t = next_task.task, t0 = next_task.begin, t1 = next_task.end;
       const int64_t gi = t / row_blocks, r0 = (t % row_blocks) * block_rows, r1 = std::min(m, r0 + block_rows);
-      if (g.spread()) {  // this thread's tasks of group gi share the next group (or the next call's first)
+      if (next_task.stolen) {
+        g.task(r0, r1, gi, g.w, 0);
+      } else if (g.spread()) {  // this thread's tasks of group gi share the next group (or the next call's first)
         const int64_t gn = gi + 1, first = std::max(t0, gi * row_blocks), count = std::min(t1, gn * row_blocks) - first;
         const bool inside = gn * row_blocks < t1;
         const float* base = inside ? g.w + group_offset(gn, k) : after.first;
@@ -312,7 +320,24 @@ at::Tensor linear_reference(const at::Tensor& x, const at::Tensor& w, const std:
 
 }  // namespace
 
+// For the tests of task_runs.h: [count, 2] int64, per task the times it ran and the thread
+// that ran it last, with thread 0 starting `delay_us` late (so others must take from its run).
+at::Tensor task_runs_trace(int64_t count, int64_t delay_us) {
+  at::Tensor out = at::zeros({count, 2}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  parallel_runs(count, [&](TaskRuns& runs, int64_t tid) {
+    if (tid == 0) std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
+    TaskRuns::Next t;
+    while (runs.next(tid, t)) {
+      __atomic_fetch_add(&o[2 * t.task], 1, __ATOMIC_RELAXED);
+      o[2 * t.task + 1] = tid;
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(asyncengine_cpu, m) {
+  m.def("task_runs_trace(int count, int delay_us) -> Tensor", &task_runs_trace);
   m.def("pack_linear_weight(Tensor w) -> Tensor", &pack_weight);
   m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int n, Tensor? next=None) -> Tensor", &linear);
   m.def("linear_fma_reference(Tensor x, Tensor w, Tensor? bias) -> Tensor", &linear_reference);
