@@ -5,13 +5,13 @@
 // (gemm_cpu.cpp, gemm_bf16_avx512_cpu.cpp), whose tasks write disjoint outputs with the
 // same operations on any thread: which thread runs a task never changes a value.
 //
-// Why: at a decode step the two threads' equal runs of a GEMM take unequal times (memory,
-// the other guest's load), and at::parallel_for's end waits for the slower one. A perf
+// Why: at a decode step the two threads' equal runs of a GEMM take unequal times (memory
+// stalls, the host), and at::parallel_for's end waits for the slower one. A perf
 // profile of a 64-sequence bf16 decode on an AMD EPYC (Zen 4) guest had each thread ~3% of
 // its time in libgomp's barrier while the other was still in a GEMM tile; with the runs,
 // ~1%. Both ways alternated step by step in one engine on that guest (the same bits):
 // 64-sequence decode paired ratio 0.989-0.990 bf16, 0.992 fp32; 8 sequences 1.001. A taken
-// task has no weights prefetched for it, which is why a runs' end still costs some.
+// task has no weights prefetched for it, so the end of a call still costs some.
 #pragma once
 
 #include <ATen/Parallel.h>
