@@ -231,17 +231,15 @@ EvenSplit row_blocks(int64_t m, int64_t words) {
 }
 
 // Per thread, the slab it starts with in a call of m rows on `next` (the packing the model
-// multiplies by next), as (its first element, its lines): at::parallel_for gives thread i
-// the tasks from i * ceil(tasks / threads). Hints: a wrong guess costs bandwidth, never a value.
+// multiplies by next), as (its first element, its lines): the first task of the run
+// TaskRuns deals it (task_runs.h). Hints: a wrong guess costs bandwidth, never a value.
 std::vector<std::pair<const uint16_t*, int64_t>> first_slabs(const at::Tensor& next, int64_t m, bool fma) {
   const int64_t lines = next.size(1) * 2, slabs = next.size(0) / kPanelAlign;
   const int64_t count = slabs * row_blocks(m, (fma ? 2 : 1) * next.size(1)).parts;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
-  const int64_t chunk = (count + threads - 1) / threads;
   const auto* w = reinterpret_cast<const uint16_t*>(next.data_ptr<c10::BFloat16>());
   std::vector<std::pair<const uint16_t*, int64_t>> out;
   for (int64_t i = 0; i < at::get_num_threads(); ++i)
-    out.push_back({w + (std::min(i, threads - 1) * chunk % slabs) * kPanelAlign * lines * kTile, lines});
+    out.push_back({w + (TaskRuns::dealt_begin(count, at::get_num_threads(), i) % slabs) * kPanelAlign * lines * kTile, lines});
   return out;
 }
 

@@ -216,16 +216,14 @@ struct Tasks {
 };
 
 // Per thread, the lines of the group it starts with in a call of m rows on `next` (the
-// packing the model multiplies by next): at::parallel_for gives thread i the tasks from
-// i * ceil(tasks / threads). Hints: a wrong guess costs bandwidth, never a value.
+// packing the model multiplies by next): the first task of the run TaskRuns deals it
+// (task_runs.h). Hints: a wrong guess costs bandwidth, never a value.
 std::vector<std::pair<const float*, int64_t>> first_groups(const at::Tensor& next, int64_t m) {
   const int64_t k = next.size(1), panels = next.size(0);
   const Tasks tasks(m, panels);
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks.count()));
-  const int64_t chunk = (tasks.count() + threads - 1) / threads;
   std::vector<std::pair<const float*, int64_t>> out;
   for (int64_t i = 0; i < at::get_num_threads(); ++i) {
-    const int64_t g = std::min(tasks.groups - 1, std::min(i, threads - 1) * chunk / tasks.row_blocks);
+    const int64_t g = std::min(tasks.groups - 1, TaskRuns::dealt_begin(tasks.count(), at::get_num_threads(), i) / tasks.row_blocks);
     out.push_back({next.data_ptr<float>() + group_offset(g, k), std::min<int64_t>(kGroup, panels - g * kGroup) * k});
   }
   return out;

@@ -23,16 +23,25 @@
 
 class TaskRuns {
  public:
-  TaskRuns(int64_t count, int64_t threads) : threads_(std::max<int64_t>(1, std::min(count, threads))), runs_(new Run[threads_]) {
+  TaskRuns(int64_t count, int64_t threads) : threads_(used_threads(count, threads)), runs_(new Run[threads_]) {
     const int64_t chunk = (count + threads_ - 1) / threads_;
     for (int64_t i = 0; i < threads_; ++i) {
-      const int64_t b = std::min(count, i * chunk), e = std::min(count, b + chunk);
+      const int64_t b = std::min(count, dealt_begin(count, threads, i)), e = std::min(count, b + chunk);
       runs_[i].begin = b;
       runs_[i].end = e;
       runs_[i].span.store(pack(b, e), std::memory_order_relaxed);
     }
   }
   int64_t threads() const { return threads_; }
+
+  // How many threads a loop of `count` tasks on `threads` uses, and where thread i's dealt
+  // run begins (a thread past the used ones: the last run's). The GEMMs' hints of the
+  // next call's first weights read these, so they name the tasks the runs will deal.
+  static int64_t used_threads(int64_t count, int64_t threads) { return std::max<int64_t>(1, std::min(count, threads)); }
+  static int64_t dealt_begin(int64_t count, int64_t threads, int64_t i) {
+    const int64_t used = used_threads(count, threads);
+    return std::min(i, used - 1) * ((count + used - 1) / used);
+  }
 
   // The task thread `tid` runs next, with the bounds of the run it belongs to; false when
   // every task is taken.
