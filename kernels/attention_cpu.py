@@ -30,6 +30,7 @@ import torch
 
 from kernels import huge_pages
 from kernels.attention import AttentionMetadata
+from kernels.layer_groups import MIN_ROWS_PER_WEIGHT_BYTE, layer_groups
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,7 @@ def gemm_kernel(dtype: torch.dtype) -> str:
 def decoder_layers_cpu(
     h: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], dims: list[int],
     meta: AttentionMetadata, cos_sin: torch.Tensor, kv: list[torch.Tensor], scale: float, eps: float, gemm: str,
+    groups: list[int] | None = None,
 ) -> torch.Tensor:
     """Every decoder layer of a step, then the final norm, as one op
     (kernels/csrc/decoder_layers_cpu.cpp): the ops above in the Python loop's order, with its
@@ -265,8 +267,13 @@ def decoder_layers_cpu(
     [attn_norm, qkv, o, mlp_norm, gate_up, down] (GEMM weights as packed), the final norm, and
     optionally the head's packing (the last GEMM's cache hint); biases: per layer [qkv, o,
     gate_up, down]; dims: [heads, kv_heads, head_dim, the four GEMMs' outputs]; kv: per layer
-    [k_cache, v_cache]; gemm: gemm_kernel() of the packings."""
+    [k_cache, v_cache]; gemm: gemm_kernel() of the packings; groups: sequence indices cutting
+    the batch into groups a thread each (kernels/layer_groups.py chooses them when None; the
+    bits are the same for any)."""
     load()
+    if groups is None:
+        groups = layer_groups(meta.query_start_loc_list, meta.seq_lens_list, torch.get_num_threads(),
+                              MIN_ROWS_PER_WEIGHT_BYTE * h.element_size())
     return torch.ops.asyncengine_cpu.decoder_layers(
         h, weights, biases, dims, meta.positions, cos_sin, kv, meta.slot_mapping, meta.query_start_loc,
-        meta.seq_lens, meta.block_tables, scale, eps, gemm)
+        meta.seq_lens, meta.block_tables, scale, eps, gemm, groups)

@@ -208,7 +208,7 @@ struct Tasks {
   Tasks(int64_t m, int64_t panels) {
     groups = (panels + kGroup - 1) / kGroup;
     const int64_t row_tiles = (m + kRows - 1) / kRows;
-    const int64_t want = std::max<int64_t>(1, (4 * at::get_num_threads() + groups - 1) / groups);
+    const int64_t want = std::max<int64_t>(1, (4 * loop_threads() + groups - 1) / groups);
     block_rows = (row_tiles + std::min(row_tiles, want) - 1) / std::min(row_tiles, want) * kRows;
     row_blocks = (m + block_rows - 1) / block_rows;
   }
@@ -222,8 +222,8 @@ std::vector<std::pair<const float*, int64_t>> first_groups(const at::Tensor& nex
   const int64_t k = next.size(1), panels = next.size(0);
   const Tasks tasks(m, panels);
   std::vector<std::pair<const float*, int64_t>> out;
-  for (int64_t i = 0; i < at::get_num_threads(); ++i) {
-    const int64_t g = std::min(tasks.groups - 1, TaskRuns::dealt_begin(tasks.count(), at::get_num_threads(), i) / tasks.row_blocks);
+  for (int64_t i = 0; i < loop_threads(); ++i) {
+    const int64_t g = std::min(tasks.groups - 1, TaskRuns::dealt_begin(tasks.count(), loop_threads(), i) / tasks.row_blocks);
     out.push_back({next.data_ptr<float>() + group_offset(g, k), std::min<int64_t>(kGroup, panels - g * kGroup) * k});
   }
   return out;

@@ -81,13 +81,18 @@ class TaskRuns {
   std::unique_ptr<Run[]> runs_;
 };
 
+// The threads a loop started here runs on: one inside another parallel region, where
+// at::parallel_for runs inline (decoder_layers_cpu.cpp runs groups of sequences a thread
+// each, every op of a group on its thread).
+inline int64_t loop_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
 // body(runs, tid) on each thread of one parallel region, tid in [0, runs.threads()): it sets
 // up what the thread needs, then runs `while (runs.next(tid, t)) ...`; the region ends when
 // every task of [0, count) has run.
 template <typename F>
 void parallel_runs(int64_t count, F&& body) {
   if (count <= 0) return;
-  TaskRuns runs(count, at::get_num_threads());
+  TaskRuns runs(count, loop_threads());
   at::parallel_for(0, runs.threads(), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t tid = i0; tid < i1; ++tid) body(runs, tid);
   });

@@ -66,6 +66,60 @@ def test_the_compiled_loop_is_bitwise_the_python_loop(tiny_dirs: dict[str, Path]
     assert _check_every_forward(_engine(tiny_dirs[arch], dtype)) >= 12
 
 
+def _every_sequence(query_start_loc: list[int], seq_lens: list[int], threads: int, min_rows: int) -> list[int]:
+    return list(range(len(seq_lens) + 1))  # more groups than threads: a thread runs several
+
+
+def _halves(query_start_loc: list[int], seq_lens: list[int], threads: int, min_rows: int) -> list[int]:
+    return [0, len(seq_lens) // 2, len(seq_lens)] if len(seq_lens) > 1 else [0, len(seq_lens)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cut", [_halves, _every_sequence])
+def test_groups_of_sequences_on_their_own_threads_keep_the_bits(
+        tiny_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, cut: object, dtype: str) -> None:
+    """The tiny batches here are below any split kernels/layer_groups.py would choose, so
+    the cuts are forced: each group runs every op on one thread, side by side (qwen2: its
+    biases too). Every forward against the Python loop, bitwise, KV caches too."""
+    if dtype == "bfloat16" and not _bf16_packed():
+        pytest.skip("no batch-invariant bf16 GEMM on this CPU: bf16 runs the Python loop")
+    cuts: list[list[int]] = []
+
+    def recorded(*args: int | list[int]) -> list[int]:
+        groups = cut(*args)
+        cuts.append(groups)
+        return groups
+
+    monkeypatch.setattr(attention_cpu, "layer_groups", recorded)
+    assert _check_every_forward(_engine(tiny_dirs["qwen2"], dtype)) >= 12
+    assert sum(len(g) > 2 for g in cuts) >= 10  # the forwards ran split
+
+
+def test_the_op_refuses_groups_that_do_not_cut_its_batch(tiny_dirs: dict[str, Path],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    llm = _engine(tiny_dirs["llama"], "float32")
+    model: LlamaModel = llm.engine.runner.model
+    forward, calls = model.forward, []
+
+    def recorded(ids: torch.Tensor, meta: object, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        calls.append((ids, meta, kv))
+        return forward(ids, meta, kv)
+
+    model.forward = recorded
+    llm.generate([[5, 6, 7], [8, 9], [3, 4, 5, 6]], SamplingParams(max_tokens=3, temperature=0.0))
+    ids, meta, kv = calls[-1]  # a decode step of the three sequences (it writes the same K, V again)
+    assert meta.seq_lens.numel() == 3
+
+    def run(groups: list[int]) -> torch.Tensor:
+        monkeypatch.setattr(attention_cpu, "layer_groups", lambda *args: list(groups))
+        return forward(ids, meta, kv)
+
+    assert torch.equal(run([0, 1, 3]), run([0, 3]))
+    for bad in ([0], [1, 3], [0, 1, 1, 3], [0, 2, 1, 3], [0, 2], [0, 4]):
+        with pytest.raises(RuntimeError, match="groups must"):
+            run(bad)
+
+
 def test_qwen3s_qk_norms_and_oneDNN_weights_keep_the_python_loop(tiny_dirs: dict[str, Path]) -> None:
     assert _engine(tiny_dirs["qwen3"], "float32").engine.runner.model._layer_loop is None
     if not _bf16_packed():
