@@ -151,8 +151,8 @@ Rows rows_of(const Rows& all, const int64_t* qsl, int64_t s0, int64_t s1) {
 // biases: per layer [qkv, o, gate_up, down]. dims: [heads, kv_heads, head_dim, then the
 // four GEMMs' output features]. kv: per layer [k_cache, v_cache]. h: [T, H] embeddings.
 // groups: sequence indices [0, ..., S] cutting the batch into groups that run each on one
-// thread, every op of every layer, side by side (kernels/layer_groups.py
-// says when and why); [0, S] runs the batch as one, every op on every thread. A row's bits
+// thread, every op of every layer, side by side (kernels/layer_groups.py says when and
+// why); [0, S] runs the batch as one, every op on every thread. A row's bits
 // are the same either way: each op computes a row from that row (or, in attention, from
 // its own sequence) alone.
 at::Tensor decoder_layers(const at::Tensor& h_in, at::TensorList weights, const c10::List<Opt>& biases,

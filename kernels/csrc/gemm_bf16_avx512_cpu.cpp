@@ -237,9 +237,10 @@ std::vector<std::pair<const uint16_t*, int64_t>> first_slabs(const at::Tensor& n
   const int64_t lines = next.size(1) * 2, slabs = next.size(0) / kPanelAlign;
   const int64_t count = slabs * row_blocks(m, (fma ? 2 : 1) * next.size(1)).parts;
   const auto* w = reinterpret_cast<const uint16_t*>(next.data_ptr<c10::BFloat16>());
+  const int64_t threads = loop_threads();
   std::vector<std::pair<const uint16_t*, int64_t>> out;
-  for (int64_t i = 0; i < loop_threads(); ++i)
-    out.push_back({w + (TaskRuns::dealt_begin(count, loop_threads(), i) % slabs) * kPanelAlign * lines * kTile, lines});
+  for (int64_t i = 0; i < threads; ++i)
+    out.push_back({w + (TaskRuns::dealt_begin(count, threads, i) % slabs) * kPanelAlign * lines * kTile, lines});
   return out;
 }
 

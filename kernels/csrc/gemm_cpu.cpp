@@ -25,8 +25,9 @@
 // block of k; the sums of the blocks stay in L1. A group's weights (K x 384 B: 221 KB
 // at K = 576) stay in L2 while every row of the task passes over them, and the next group
 // is prefetched into L2 while this one is computed (see linear()). Tiles of up to 4 rows
-// (decode) span the whole group instead, with a software prefetch into L1 64 k ahead. Measured on a shared 2-core machine (1 thread, best CPU time per
-// layer over SmolLM2's shapes, old and new alternated in one process): 64 rows 67-77% ->
+// (decode) span the whole group instead, with a software prefetch into L1 64 k ahead.
+// Measured on a shared 2-core machine (1 thread, best CPU time per layer over SmolLM2's
+// shapes, old and new alternated in one process): 64 rows 67-77% ->
 // 70-81% of the FMA peak, 512 rows 55-64% -> 65-73%, 4 rows +37%, against the 4 x 6 tile
 // over 64-k blocks this replaced (same bits).
 #include <ATen/Parallel.h>
@@ -228,9 +229,10 @@ struct Tasks {
 std::vector<std::pair<const float*, int64_t>> first_groups(const at::Tensor& next, int64_t m) {
   const int64_t k = next.size(1), panels = next.size(0);
   const Tasks tasks(m, panels);
+  const int64_t threads = loop_threads();
   std::vector<std::pair<const float*, int64_t>> out;
-  for (int64_t i = 0; i < loop_threads(); ++i) {
-    const int64_t g = std::min(tasks.groups - 1, TaskRuns::dealt_begin(tasks.count(), loop_threads(), i) / tasks.row_blocks);
+  for (int64_t i = 0; i < threads; ++i) {
+    const int64_t g = std::min(tasks.groups - 1, TaskRuns::dealt_begin(tasks.count(), threads, i) / tasks.row_blocks);
     out.push_back({next.data_ptr<float>() + group_offset(g, k), std::min<int64_t>(kGroup, panels - g * kGroup) * k});
   }
   return out;
