@@ -24,6 +24,7 @@ from asyncengine.request import Request, RequestStatus
 from asyncengine.sampling_params import InvalidRequestError, SamplingParams
 from asyncengine.scheduler import Scheduler
 from asyncengine.structured.manager import StructuredOutputs
+from kernels import host_heap
 
 
 UpdateMode = Literal["keep", "recompute", "abort"]
@@ -49,6 +50,8 @@ class EngineCore:
 
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
+        if config.retain_host_heap and config.device == "cpu":
+            host_heap.retain()
         self.config = config
         self.model_dir: Path = resolve_model(config.model)
         self.model, hf_config = load_model(self.model_dir, config)

@@ -5,6 +5,7 @@ i.e. the ceiling of what async scheduling can overlap.
     python bench/step_phases.py --dtype float32 --workload decode    # 64 sequences decoding
     python bench/step_phases.py --workload decode --seqs 16          # 16 of them
     python bench/step_phases.py --dtype bfloat16 --workload prefill  # 64 prompts of 32-512 tokens
+    python bench/step_phases.py --workload prefill --default-heap    # glibc's own heap policy
 
 Each phase is timed with perf_counter around the method that runs it (wrapped here, in
 this process only); shares are of the whole step loop's wall time.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import resource
 import sys
 import time
 from collections import defaultdict
@@ -62,8 +64,10 @@ def main() -> None:
     ap.add_argument("--workload", choices=["decode", "prefill"], default="decode")
     ap.add_argument("--steps", type=int, default=40, help="decode steps timed")
     ap.add_argument("--seqs", type=int, default=64, help="sequences decoding (decode workload)")
+    ap.add_argument("--default-heap", action="store_true",
+                    help="leave glibc's malloc thresholds as they are (EngineConfig.retain_host_heap=False)")
     a = ap.parse_args()
-    core = EngineCore(EngineConfig(dtype=a.dtype, num_kv_blocks=4096))
+    core = EngineCore(EngineConfig(dtype=a.dtype, num_kv_blocks=4096, retain_host_heap=not a.default_heap))
     rng = random.Random(0)
     vocab = core.model_info.vocab_size
 
@@ -85,7 +89,7 @@ def main() -> None:
         for i in range(64):
             core.add_request(f"p{i}", prompt(rng.randint(32, 512)), greedy)
     instrument(core)
-    steps, t0 = 0, time.perf_counter()
+    steps, t0, faults0 = 0, time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     while core.has_unfinished() and (a.workload == "prefill" or steps < a.steps):
         core.step()
         steps += 1
@@ -96,6 +100,9 @@ def main() -> None:
         print(f"  {phase:26s} {sec / steps * 1e3:9.2f} ms  {100 * sec / wall:5.1f}%")
     python = sum(v for k, v in PHASES.items() if "(Python)" in k)  # none nested here (no stop strings)
     print(f"  Python outside forward, logits and sampler: {100 * python / wall:.1f}% of the step")
+    # Pages the kernel zero-filled for this process (kernels/host_heap.py: ~0 once retained).
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    print(f"  minor page faults: {faults / steps:.0f} a step")
 
 
 if __name__ == "__main__":
