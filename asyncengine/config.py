@@ -64,7 +64,7 @@ class EngineConfig:
     num_threads: int | None = None
     # CPU: fix glibc's malloc thresholds for this process so a step's freed tensors stay
     # in the heap for the next step instead of being unmapped and faulted in again
-    # (kernels/host_heap.py: 0.85 of an fp32 prefill step). Process-wide once applied.
+    # (kernels/host_heap.py: 0.86 of an fp32 step of prompts). Process-wide once applied.
     retain_host_heap: bool = True
     # Seed for requests that come without one (each gets a seed drawn from this).
     seed: int = 0

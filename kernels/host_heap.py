@@ -4,14 +4,15 @@ Every op of a step returns a new tensor, and a prefill chunk's are tens of MB (f
 gate_up at 2048 tokens is 2048 x 3072 x 4 B = 25 MB). glibc's malloc serves blocks above
 a threshold by mmap and trims the heap's free top past twice that threshold, both moving
 with the sizes it has seen; on the CPU engine's allocation pattern that gave back and
-faulted in again, zeroed, about 240 MB of pages a step: 62 K minor faults in an fp32
-prefill step of 2048 tokens on SmolLM2, the GEMMs' and fused ops' first stores waiting
-on the kernel (AMD EPYC Zen 5, 2 cores). Fixed thresholds stop it: blocks up to 32 MiB
-(glibc's largest mmap threshold) come from the heap, and up to 256 MiB of its free top is
-kept. Measured there with `bench/step_phases.py --workload prefill`, both ways in
-alternate processes, three pairs: fp32 1315 / 1376 / 1337 -> 1132 / 1112 / 1130 ms a step
-(0.85), bf16 (half the bytes) 619 / 605 / 612 -> 631 / 573 / 605 (0.98); 64-sequence decode
-steps, whose tensors are small, unchanged.
+faulted in again, zeroed, 0.25-0.8 GB of pages a step: 60-200 K minor faults in an fp32
+step of 2048 prompt tokens on SmolLM2, the GEMMs' and fused ops' first stores waiting on
+the kernel (AMD EPYC Zen 5, 2 cores); ~2.4 K after. Fixed thresholds stop it: blocks up to
+32 MiB (glibc's largest mmap threshold) come from the heap, and up to 256 MiB of its free
+top is kept. Measured there with `bench/step_phases.py --workload prefill` with and without
+`--default-heap`, in alternate processes, six pairs: fp32 1315 / 1376 / 1337 / 1149 / 1384 /
+1373 -> 1132 / 1112 / 1130 / 1168 / 1109 / 1177 ms a step (0.86 of the mean); bf16 (half the
+bytes) 619 / 605 / 612 -> 631 / 573 / 605 (0.98); 64-sequence decode steps, whose tensors
+are small, unchanged.
 
 The setting is the process's: EngineCore applies it on the CPU unless
 EngineConfig.retain_host_heap is False (a process that embeds the engine next to other
