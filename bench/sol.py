@@ -55,6 +55,15 @@ class Machine:
                 f"{w[0] / 1e9:.0f}, {w[1] / 1e9:.0f} GFLOP/s, {w[2] / 1e9:.1f} GB/s")
 
 
+def faster(a: Machine, b: Machine) -> Machine:
+    """Each rate at the higher of two probings: a probe that ran while the host was slow
+    (this one's speed drifts by tens of percent) would set a speed of light too low and
+    a fraction of it too high; the higher rate only ever lowers our fraction."""
+    return Machine(max(a.fp32_flops, b.fp32_flops), max(a.bf16_flops, b.bf16_flops), a.bf16_unit,
+                   max(a.read_bytes, b.read_bytes),
+                   (max(a.wall[0], b.wall[0]), max(a.wall[1], b.wall[1]), max(a.wall[2], b.wall[2])))
+
+
 def _best(probe: Callable[[], tuple[float, float]], reps: int) -> tuple[float, float]:
     """The best (wall, CPU-time) rates of `reps` runs."""
     runs = [probe() for _ in range(reps)]

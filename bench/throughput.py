@@ -6,8 +6,9 @@ Two workloads (greedy, ignore_eos, so every request makes exactly its new tokens
 For each workload and dtype it prints our generated tokens/s, HF `generate` tokens/s on
 the same prompts (padded batches of 16, as users run it), the ratio, each side's fraction
 of the workload's speed of light (bench/sol.py: the machine's FMA peak and streaming read
-bandwidth measured by compiled probes at the start of this run, FLOPs and bytes counted
-exactly per step), and the process's peak RSS while each side ran.
+bandwidth measured by compiled probes at the start of this run and again before each
+workload, each rate at the highest seen so far; FLOPs and bytes counted exactly per step),
+and the process's peak RSS while each side ran.
 
 llama.cpp's own server is the third side when its binary is there (`--llamacpp auto`, the
 default, finds the one `python bench/llamacpp.py --fetch` unpacks; `--llamacpp PATH` names
@@ -49,7 +50,9 @@ from asyncengine.llm import LLM  # noqa: E402
 from asyncengine.model_files import resolve_model  # noqa: E402
 from asyncengine.sampling_params import SamplingParams  # noqa: E402
 from bench.llamacpp import PeerError, Server, find_binary, prepared_ggufs, run_peer  # noqa: E402
-from bench.sol import Machine, ModelCost, measure_machine, peak_rss_bytes, reset_peak_rss, sol_seconds  # noqa: E402
+from bench.sol import (  # noqa: E402
+    Machine, ModelCost, faster, measure_machine, peak_rss_bytes, reset_peak_rss, sol_seconds,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -224,11 +227,14 @@ def main() -> None:
         binary = None  # its GGUFs hold the default model's weights only
         print("llama.cpp peer skipped: it runs the default model only")
     for dtype_name in a.dtypes.split(","):
-        run_dtype(a, model_dir, machine, dtype_name, binary)
+        machine = run_dtype(a, model_dir, machine, dtype_name, binary)
 
 
-def run_dtype(a: argparse.Namespace, model_dir: Path, machine: Machine, dtype_name: str, binary: Path | None) -> None:
-    """Every selected workload in one dtype: our LLM and (with a binary) one llama-server."""
+def run_dtype(a: argparse.Namespace, model_dir: Path, machine: Machine, dtype_name: str,
+              binary: Path | None) -> Machine:
+    """Every selected workload in one dtype: our LLM and (with a binary) one llama-server.
+    The probes run again before each workload; its speed of light takes each rate at the
+    highest seen so far (sol.faster), which is also returned."""
     llm = LLM(model=str(model_dir), dtype=dtype_name, deterministic=not a.non_deterministic)
     cost, config = ModelCost.of(llm), llm.engine.config
     print(f"\n[{dtype_name}] {(cost.body_params + cost.head_params) / 1e6:.1f} M matmul parameters, "
@@ -241,6 +247,9 @@ def run_dtype(a: argparse.Namespace, model_dir: Path, machine: Machine, dtype_na
                       Path(tempfile.gettempdir()) / f"llamacpp-{dtype_name}.log")
     try:
         for name, (prompts, new) in chosen.items():
+            now = measure_machine()
+            machine = faster(machine, now)
+            print(f"  {name:8s} probes again: {now.describe()}")
             sol_s = sol_seconds(cost, machine, [len(p) for p in prompts], new, config.max_num_batched_tokens,
                                 config.max_num_seqs)
             rounds = [measure_round(a, r, llm, model_dir, dtype_name, prompts, new, peer) for r in range(a.rounds)]
@@ -249,6 +258,7 @@ def run_dtype(a: argparse.Namespace, model_dir: Path, machine: Machine, dtype_na
         if peer is not None:
             peer.close()
     del llm
+    return machine
 
 
 if __name__ == "__main__":

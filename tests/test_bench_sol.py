@@ -1,7 +1,7 @@
 """bench/sol.py's speed-of-light arithmetic, on numbers small enough to count by hand."""
 from __future__ import annotations
 
-from bench.sol import Machine, ModelCost, sol_seconds
+from bench.sol import Machine, ModelCost, faster, sol_seconds
 
 ONE = Machine(fp32_flops=1.0, bf16_flops=1.0, bf16_unit="none", read_bytes=1.0, wall=(1.0, 1.0, 1.0))
 
@@ -32,3 +32,13 @@ def test_sequences_past_max_seqs_decode_in_another_group() -> None:
     one_group = sol_seconds(_cost(weight_bytes=100), ONE, [1, 1], 3, budget=2048, max_seqs=2)
     two_groups = sol_seconds(_cost(weight_bytes=100), ONE, [1, 1], 3, budget=2048, max_seqs=1)
     assert (one_group, two_groups) == (100 + 2 * 100, 100 + 4 * 100)
+
+
+def test_a_second_probing_only_raises_each_rate() -> None:
+    slow_fma = Machine(fp32_flops=0.5, bf16_flops=2.0, bf16_unit="none", read_bytes=3.0, wall=(0.5, 2.0, 1.0))
+    best = faster(ONE, slow_fma)
+    assert (best.fp32_flops, best.bf16_flops, best.read_bytes, best.wall) == (1.0, 2.0, 3.0, (1.0, 2.0, 1.0))
+    # A slower probing never lowers the speed of light a faster one set (so never raises our share).
+    cost = _cost(weight_bytes=100)
+    assert sol_seconds(cost, faster(ONE, slow_fma), [3], 2, budget=2, max_seqs=64) <= sol_seconds(
+        cost, ONE, [3], 2, budget=2, max_seqs=64)
