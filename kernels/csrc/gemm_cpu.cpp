@@ -144,10 +144,15 @@ struct Gemm {
       if (bias)
         for (int64_t l = 0; l < valid; ++l) b[l] = bias[c0 + l];
       for (int r = 0; r < R; ++r) {
-        float out[kLanes];
-        const V16 v = vload(sum + (r * J + j) * kLanes);
-        vstore(out, bias ? vadd(v, vload(b)) : v);
-        std::copy(out, out + valid, y + (r0 + r) * n + c0);
+        const V16 v = vload(sum + (r * J + j) * kLanes), o = bias ? vadd(v, vload(b)) : v;
+        float* dst = y + (r0 + r) * n + c0;
+        if (valid == kLanes) {  // a plain store: std::copy of 16 floats is a memmove call
+          vstore(dst, o);
+        } else {
+          float out[kLanes];
+          vstore(out, o);
+          std::copy(out, out + valid, dst);
+        }
       }
     }
   }
