@@ -9,6 +9,7 @@ this prints that instead of a figure.
 
     python bench/kernels.py [--repeats 20] [--threads N]
     python bench/kernels.py --decode-bandwidth [--threads N]   # CPU decode attention's KV read rate
+    python bench/kernels.py --prefill-attention               # CPU attention of whole prompts, GFLOP/s
 
 --decode-bandwidth: the CPU decode attention of 64 sequences at contexts 512-1024, on caches
 laid out as the engine lays them out (kernels.attention_cpu.new_kv_cache; blocks shuffled, as
@@ -224,6 +225,35 @@ def decode_bandwidth(repeats: int, pool_bytes: int = 1 << 30) -> None:
         del k_cache, v_cache
 
 
+def prefill_attention(repeats: int) -> None:
+    """The CPU attention of prompts computed whole (prefill items), on new_kv_cache's layout:
+    best time of `repeats` calls, GFLOP/s (QK^T and PV: 4 x d x keys per query row and
+    layer, d = heads x head_dim) and the share of the FMA peak measured in the same run."""
+    if not attention_cpu.available():
+        raise SystemExit("the compiled CPU ops are not available")
+    peak = max(torch.ops.asyncengine_cpu.fma_peak_fp32(10_000_000)[1] for _ in range(3))
+    print(f"{torch.get_num_threads()} threads; FMA peak {peak / 1e9:.0f} GFLOP/s (fp32, over the threads' CPU time)")
+    for dtype in (torch.float32, torch.bfloat16):
+        for prompts, length in ((4, 512), (8, 256), (16, 128)):
+            blocks = prompts * -(-length // BLOCK)
+            k_cache, v_cache = attention_cpu.new_kv_cache(blocks, BLOCK, KV_HEADS, HEAD_DIM, dtype)
+            k_cache.uniform_(-1, 1), v_cache.uniform_(-1, 1)
+            tables = torch.arange(blocks).view(prompts, -1)
+            qsl = list(range(0, (prompts + 1) * length, length))
+            positions = torch.arange(length).repeat(prompts)
+            meta = AttentionMetadata(torch.tensor(qsl), torch.full((prompts,), length), tables, torch.arange(prompts * length),
+                                     positions, qsl, [length] * prompts)
+            q = torch.randn(prompts * length, HEADS, HEAD_DIM)
+            times = []
+            for _ in range(repeats + 1):
+                t = time.perf_counter()
+                attention_cpu.paged_attention_cpu(q, k_cache, v_cache, meta, HEAD_DIM**-0.5)
+                times.append(time.perf_counter() - t)
+            best, flops = min(times[1:]), 4 * HEADS * HEAD_DIM * prompts * length * (length + 1) / 2
+            print(f"{str(dtype).removeprefix('torch.'):<9} {prompts} prompts x {length:<4} tokens: {best * 1e3:6.2f} ms, "
+                  f"{flops / best / 1e9:5.0f} GFLOP/s ({flops / best / peak:4.0%} of the FMA peak)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -232,11 +262,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--decode-bandwidth", action="store_true",
                         help="only the CPU decode attention's KV read rate vs streaming read (see above)")
+    parser.add_argument("--prefill-attention", action="store_true",
+                        help="only the CPU attention of whole prompts: GFLOP/s and share of the FMA peak")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.decode_bandwidth:
         return decode_bandwidth(args.repeats)
+    if args.prefill_attention:
+        return prefill_attention(args.repeats)
     cuda = torch.cuda.is_available()
     triton_ok = cuda and rmsnorm.triton is not None
     device = torch.device("cuda" if cuda else "cpu")

@@ -8,7 +8,8 @@
 // other rows, sequences, chunks or threads share the call (batch invariance by design).
 // Keys past a row's position are never multiplied, so stale slots (even NaN) are inert.
 // Single-token items on new_kv_cache's layout (every decode) run paged_decode.h: the same
-// operations per row, laid out for that layout alone.
+// operations per row, laid out for that layout alone. Prefill items share loads between
+// two key chunks and two tokens where they fit (paged_pairs.h), again the same per row.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -22,6 +23,7 @@
 
 #include "paged_attention.h"
 #include "paged_decode.h"
+#include "paged_pairs.h"
 #include "vec16.h"
 
 namespace {
@@ -79,10 +81,17 @@ struct Worker {
       for (int64_t c0 = 0; c0 < kKeysAhead; c0 += kLanes)
         K.chunk_lines(table_of(*next), c0, last_key(*next), next->kv_head, P.head_dim, ahead);
     ahead.pace_over(first_pos + 1);  // over the first values pass
-    // The G rows of one token share its keys: up to 4 at a time share each value load.
+    // The G rows of one token share its keys: up to 4 at a time share each value load;
+    // after the first token, two tokens' rows at a time where they fit (weigh_pair).
+    const bool pairs = NV > 0 && NV <= 4 && P.group <= 3;
     for (int64_t r = 0; r < rows;) {
       const int64_t n = std::min<int64_t>(kValueRows, P.group - r % P.group);
       const int64_t pos = first_pos + r / P.group;
+      if (pairs && r > 0 && r % P.group == 0 && r + 2 * P.group <= rows) {
+        weigh_pair(it, r, width, pos, table);
+        r += 2 * P.group;
+        continue;
+      }
       if (r == 0) {
         weigh_values_n<true>(n, it, r, width, pos, table);
       } else {
@@ -109,6 +118,11 @@ struct Worker {
     const int64_t D = P.head_dim;
     const bool direct = K.d_major();
     for (int64_t c0 = 0; c0 <= last; c0 += kLanes) {
+      if (direct && c0 + kLanes <= last && rows - first_row(first_pos, rows, c0 + kLanes) > 4) {
+        score_pair(it, rows, first_pos, last, table, width, c0);
+        c0 += kLanes;
+        continue;
+      }
       const int64_t n = std::min<int64_t>(kLanes, last + 1 - c0);
       // Into L2, spread over this chunk's FMAs: the keys kKeysAhead on. The cache is read
       // one scattered 4 KB block at a time, and each block restarts the hardware
@@ -132,9 +146,7 @@ struct Worker {
         kd = kt.data();
         ld = kLanes;
       }
-      // Rows are in token order, so the rows whose keys reach this chunk are a suffix.
-      int64_t r = 0;
-      while (r < rows && first_pos + r / P.group < c0) ++r;
+      const int64_t r = first_row(first_pos, rows, c0);
       // One pass (a decode's rows) spreads the fetches over its FMAs; behind several
       // passes (prefill) one burst hides.
       if (rows - r <= 4) {
@@ -145,6 +157,53 @@ struct Worker {
       }
       ahead.all();
     }
+  }
+
+  // Rows are in token order, so the rows whose keys reach key c are a suffix: its first.
+  int64_t first_row(int64_t first_pos, int64_t rows, int64_t c) const {
+    int64_t r = 0;
+    while (r < rows && first_pos + r / P.group < c) ++r;
+    return r;
+  }
+
+  // Chunks c0 and c0 + 16 of a prefill item on the cache's own layout: rows that reach
+  // only the first take it alone, the rest take both in passes of up to 3 (score_chunk2).
+  // The keys 2 chunks on are hinted in one burst, as for several passes of one chunk.
+  void score_pair(const Item& it, int64_t rows, int64_t first_pos, int64_t last, const int64_t* table,
+                  int64_t width, int64_t c0) {
+    const int64_t D = P.head_dim, c1 = c0 + kLanes;
+    ahead.clear();
+    K.chunk_lines(table, c0 + kKeysAhead, last, it.kv_head, D, ahead);
+    K.chunk_lines(table, c1 + kKeysAhead, last, it.kv_head, D, ahead);
+    for (int64_t j = c0; j <= std::min(last, c1 + kLanes - 1) && j < values_ahead(); ++j)
+      V.row_lines(table, j, it.kv_head, D, ahead);
+    ahead.all();
+    const T* kd0 = K.at(table, c0, it.kv_head);
+    const T* kd1 = K.at(table, c1, it.kv_head);
+    const int64_t r1 = first_row(first_pos, rows, c1);
+    score_passes<false>(it, first_row(first_pos, rows, c0), r1, kd0, K.s_d, first_pos, c0, width);
+    int64_t r = r1;
+    for (; r + 2 < rows; r += 3) score_chunk2<3>(it, r, kd0, kd1, first_pos, c0, width);
+    switch (rows - r) {
+      case 2: return score_chunk2<2>(it, r, kd0, kd1, first_pos, c0, width);
+      case 1: return score_chunk2<1>(it, r, kd0, kd1, first_pos, c0, width);
+      default: return;
+    }
+  }
+
+  // Rows r..r+R-1, which reach chunk c0 + 16, against chunks c0 and c0 + 16 (paged_pairs.h).
+  template <int R>
+  void score_chunk2(const Item& it, int64_t r, const T* kd0, const T* kd1, int64_t first_pos, int64_t c0,
+                    int64_t width) {
+    const float* q[R];
+    float* s[R];
+    int keep1[R];
+    for (int i = 0; i < R; ++i) {
+      q[i] = P.q + (row_token(it, r + i) * P.num_heads + row_head(it, r + i)) * P.head_dim;
+      s[i] = &scores[(r + i) * width + c0];
+      keep1[i] = static_cast<int>(first_pos + (r + i) / P.group + 1 - c0 - kLanes);
+    }
+    score_two_chunks<R>(q, kd0, kd1, P.head_dim, K.s_d, P.scale, keep1, s);
   }
 
   // Rows r..rows-1 against one chunk, up to four at a time sharing each key load; a row's
@@ -200,6 +259,26 @@ struct Worker {
       case 2: return weigh_values<2, Lead>(it, r, width, pos, table);
       default: return weigh_values<1, Lead>(it, r, width, pos, table);
     }
+  }
+
+  // The rows of two consecutive tokens from row r (the first at position pos): every key
+  // up to pos for all of them, then key pos + 1 for the second token's rows alone, so each
+  // row's chain is the one weigh_values runs (j ascending) and each value load serves 2G rows.
+  void weigh_pair(const Item& it, int64_t r, int64_t width, int64_t pos, const int64_t* table) {
+    if constexpr (NV > 0 && NV <= 4) {  // 2G x NV accumulators in registers (G <= 3)
+      switch (P.group) {
+        case 3: return weigh_values2<6>(it, r, width, pos, table);
+        case 2: return weigh_values2<4>(it, r, width, pos, table);
+        default: return weigh_values2<2>(it, r, width, pos, table);
+      }
+    }
+  }
+
+  template <int R>
+  void weigh_values2(const Item& it, int64_t r, int64_t width, int64_t pos, const int64_t* table) {
+    float* o[R];
+    for (int i = 0; i < R; ++i) o[i] = P.out + (row_token(it, r + i) * P.num_heads + row_head(it, r + i)) * P.head_dim;
+    values_two_tokens<R, NV>(&scores[r * width], width, &den[r], V, table, it.kv_head, pos, o);
   }
 
   // Lead: the item's first values pass (its earliest token), which also fetches ahead.

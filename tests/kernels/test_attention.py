@@ -7,7 +7,8 @@
   1/2/3/4, head dims 32/64/80 (rtol = atol = 1e-5, fp32);
 - the compiled CPU op (kernels/attention_cpu.py) against the torch reference, in both
   cache layouts (its own d-major keys and the plain one) with the same bits, fp32 and
-  bf16 caches, block sizes 8/16/32;
+  bf16 caches, block sizes 8/16/32; prompt rows in its own layout, bitwise whatever the
+  chunking (its pairs of key chunks and of tokens form at other rows);
 - invariance, bitwise: a sequence alone vs in a batch, and a query's output whatever
   chunk of chunked prefill it is computed in (the Triton kernel's query blocks are
   aligned to absolute positions, so this holds for any BLAS under the interpreter, e.g.
@@ -197,6 +198,33 @@ def test_cpu_op_matches_torch_in_both_layouts(
     # The d-major key layout is read in place, the plain one through a transposed copy:
     # the same operations on the same values, so the same bits.
     assert torch.equal(paged_attention_cpu(q, *_relaid(case), meta, scale), plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 4, 64), (4, 4, 64), (6, 1, 128)])
+def test_cpu_op_prefill_rows_in_own_layout_independent_of_chunking(
+    paged_case: Callable, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
+    """Prefill rows on the CPU op's own layout take keys two chunks at a time and values two
+    tokens at a time where they fit (kernels/csrc/paged_pairs.h); which rows pair up
+    depends on where the chunk starts. Bitwise: every chunking gives the whole prompt's
+    rows, which equal the plain layout's (keys one chunk at a time); close to torch."""
+    case = paged_case([75], num_heads, num_kv_heads, head_dim, 16, seed=num_heads * head_dim)
+    q, meta = case.batch([(0, 75, 75)])
+    scale = head_dim**-0.5
+    k, v = _relaid(case, dtype)
+    whole = paged_attention_cpu(q, k, v, meta, scale)
+    plain = paged_attention_cpu(q, case.k_cache.to(dtype), case.v_cache.to(dtype), meta, scale)
+    assert torch.equal(whole, plain)
+    ref = paged_attention_torch(q, case.k_cache.to(dtype).float(), case.v_cache.to(dtype).float(), meta, scale)
+    torch.testing.assert_close(whole, ref, **TOL)
+    for chunks in ([29, 46], [7, 50, 18], [33, 2, 40], [64, 10, 1]):
+        done = 0
+        for size in chunks:
+            q_c, meta_c = case.batch([(0, done + size, size)])
+            got = paged_attention_cpu(q_c, k, v, meta_c, scale)
+            assert torch.equal(got, whole[done : done + size]), f"chunks {chunks}: rows {done}..{done + size}"
+            done += size
 
 
 def test_cpu_op_with_bf16_cache_matches_torch(paged_case: Callable) -> None:
