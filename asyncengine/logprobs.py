@@ -19,56 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
+from asyncengine.row_reductions import (  # noqa: F401  (re-exported: the contract's reductions)
+    contract_exp, row_argmax, row_log_softmax, row_logsumexp, row_max_sum,
+)
 from asyncengine.sampling_params import SamplingParams
-
-# Vocabulary reductions run in chunks of this many entries, each summed by one thread,
-# then the chunk sums in order: the same bits for a row alone or among many, on any
-# number of threads (torch's own logsumexp/log_softmax split a lone row across threads).
-_CHUNK = 512
-
-
-def row_max_sum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, V] -> (max [R, 1], sum of exp(x - max) [R, 1]), batch- and thread-invariant."""
-    rows, vocab = x.shape
-    m = x.amax(dim=-1, keepdim=True)  # exact, order-free
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    pad = -vocab % _CHUNK
-    shifted = torch.nn.functional.pad(x - m, (0, pad), value=float("-inf")) if pad else x - m
-    e = shifted.exp_()  # [R, Vp], in place on the new buffer
-    partial = e.view(-1, _CHUNK).sum(dim=-1).view(rows, -1)  # [R, Vp / CHUNK]
-    return m, torch.cumsum(partial, dim=-1)[:, -1:]  # sequential, in chunk order
-
-
-def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """[R, V] -> [R] logsumexp per row, batch- and thread-invariant. -inf entries are fine."""
-    m, total = row_max_sum(x)
-    return (m + torch.log(total))[:, 0]
-
-
-def row_argmax(x: torch.Tensor) -> torch.Tensor:
-    """[R, V] -> [R] int64: each row's first maximum, exactly torch.argmax(x, -1) (NaN
-    counts as the maximum). Found chunk by chunk, as vectorized maxima, then one chunk's
-    argmax: torch's CPU argmax over a vocabulary is a scalar loop (3.9 ms vs 0.6 ms on
-    [64, 49152] here)."""
-    rows, vocab = x.shape
-    full = vocab // _CHUNK * _CHUNK
-    if full == 0 or rows == 0:
-        return torch.argmax(x, dim=-1)
-    chunk_max = x[:, :full].reshape(rows, -1, _CHUNK).amax(dim=-1)  # [R, V // CHUNK]
-    if full < vocab:
-        chunk_max = torch.cat([chunk_max, x[:, full:].amax(dim=-1, keepdim=True)], dim=1)
-    best = chunk_max.amax(dim=-1, keepdim=True)  # [R, 1]
-    if bool(torch.isnan(best).any()):
-        return torch.argmax(x, dim=-1)  # amax propagates NaN; the first NaN is what argmax returns
-    start = (chunk_max == best).to(torch.uint8).argmax(dim=-1) * _CHUNK  # [R] first chunk with the max
-    # A short last chunk repeats the last index: copies after it never change the first max.
-    idx = (start[:, None] + torch.arange(_CHUNK, device=x.device)).clamp_max_(vocab - 1)  # [R, CHUNK]
-    return start + x.gather(1, idx).argmax(dim=-1)
-
-
-def row_log_softmax(x: torch.Tensor) -> torch.Tensor:
-    """[R, V] log-softmax per row with the invariant normalizer above."""
-    return x - row_logsumexp(x)[:, None]
 
 
 def apply_penalties(
@@ -129,7 +83,7 @@ def support_mask(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torc
 def _top_k_top_p_row(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Rank = (z' descending, token id ascending). top-k keeps the first k. top-p then
     keeps token i iff the mass ranked before it is < top_p, where p = exp(z' - max) / sum
-    over the top-k support (elementwise; `row_max_sum`) and the mass is summed in
+    over the top-k support (contract_exp elementwise; `row_max_sum`) and the mass is summed in
     float64 in rank order. Each decision depends only on a prefix of the ranking, so a
     top-C candidate set gives the same bits as a full sort whenever the cut falls
     strictly inside it (checked; otherwise C grows up to the vocabulary)."""
@@ -142,7 +96,7 @@ def _top_k_top_p_row(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     size = min(vocab, 1024)
     while True:
         values, ids = _ranked(kept, size)
-        mass_before = torch.cumsum((torch.exp(values - peak[0]) / total[0]).double(), dim=-1)
+        mass_before = torch.cumsum((contract_exp(values - peak[0]) / total[0]).double(), dim=-1)
         mass_before = torch.cat([mass_before.new_zeros(1), mass_before[:-1]])
         n_keep = int((mass_before < top_p).sum())
         # Exact when the last kept token is strictly above every token outside the set.

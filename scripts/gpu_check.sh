@@ -2,7 +2,8 @@
 # One-shot check of the CUDA path (the engine on the Triton kernels), with no download:
 # models are random weights built from configs (tiny ones for correctness, SmolLM2-135M's
 # for speed).
-#   1. the CUDA-marked tests: kernels (fp32 IEEE, bf16, row invariance) and the engine
+#   1. the CUDA-marked tests: kernels (fp32 IEEE, bf16, row invariance), the contract's
+#      row reductions (the CPU bits on CUDA), and the engine
 #      (parity vs HF transformers on the same GPU: fp32 <= 1e-4, bf16 <= 0.05 nats;
 #      needle, batch-size, chunked-prefill, prefix-cache and preemption invariance,
 #      bitwise);
@@ -52,7 +53,7 @@ if [ "$mode" = gpu ]; then
   "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
   "$py" -c "import triton; print('triton', triton.__version__)"
   echo "== 1. CUDA tests"
-  timeout 150 "$py" -m pytest -q -m cuda -rs tests/kernels/test_matmul.py tests/test_triton_engine.py || rc=1
+  timeout 150 "$py" -m pytest -q -m cuda -rs tests/kernels/test_matmul.py tests/test_triton_engine.py tests/test_row_reductions.py || rc=1
   echo "== 2. ours vs HF generate (SmolLM2-135M config, random weights)"
   timeout 270 "$py" bench/device_throughput.py --device cuda --config smollm2 --dtypes float32,bfloat16 || rc=1
   echo "== 3. kernels at SmolLM2 shapes, torch (cuBLAS) vs Triton"
@@ -60,7 +61,7 @@ if [ "$mode" = gpu ]; then
 else
   export TRITON_INTERPRET=1
   echo "== 1. CUDA tests (reduced: they must skip cleanly without a GPU)"
-  timeout 300 "$py" -m pytest -q -m cuda -rs tests/kernels/test_matmul.py tests/test_triton_engine.py || rc=1
+  timeout 300 "$py" -m pytest -q -m cuda -rs tests/kernels/test_matmul.py tests/test_triton_engine.py tests/test_row_reductions.py || rc=1
   echo "== 2. ours (Triton interpreter) vs HF generate on CPU, tiny config"
   timeout 300 "$py" bench/device_throughput.py --device cpu --config tiny --kernel-backend triton \
     --dtypes float32 --scale 0.03 --max-prompt-len 20 --new-tokens 2 || rc=1
