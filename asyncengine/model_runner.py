@@ -14,6 +14,7 @@ from asyncengine.models.weights import load_weights, read_safetensors
 from asyncengine.reliability.faults import FaultHook
 from asyncengine.outputs import ModelRunnerOutput, PromptLogprobs, SampleResult, SchedulerOutput
 from asyncengine.request import Request
+from asyncengine.row_reductions import rows_finite
 from kernels.attention import AttentionMetadata
 from kernels.dispatch import get_ops
 
@@ -128,8 +129,8 @@ class ModelRunner:
     ) -> dict[str, str]:
         """request_id -> reason, for requests with a NaN or inf among their logits rows.
 
-        A row sum is finite iff every entry is (fp32 logits are far from overflow), so
-        one [R] reduction and one host sync check the whole step.
+        One [R] reduction (`rows_finite`: the compiled row scan, one read of the logits)
+        and one host sync check the whole step.
         """
         owners = [""] * logits.shape[0]
         for req, lo_row, (lo, hi) in plp_slices:
@@ -138,7 +139,7 @@ class ModelRunner:
             owners[i] = req.request_id
         if self.faults is not None:
             self.faults.corrupt_logits(logits, owners)
-        finite = torch.isfinite(logits.sum(dim=-1))  # [R]
+        finite = rows_finite(logits)  # [R]
         if bool(finite.all()):
             return {}
         bad = (~finite).nonzero()[:, 0].tolist()

@@ -99,10 +99,18 @@ def _compiled(name: str):
     return _compiled_ops[name]
 
 
+def _stats_op(x: torch.Tensor):
+    """The compiled row_stats for a CPU fp32 [R, V] x once the ops are loaded, else None."""
+    return _compiled("row_stats") if x.device.type == "cpu" and x.dtype == torch.float32 else None
+
+
 def row_max_sum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[R, V] fp32 -> (max [R, 1] (0 where not finite), sum of contract_exp(x - max) [R, 1])."""
-    op = _compiled("row_max_sum") if x.device.type == "cpu" and x.dtype == torch.float32 else None
-    return op(x) if op is not None else _row_max_sum_torch(x)
+    op = _stats_op(x)
+    if op is None:
+        return _row_max_sum_torch(x)
+    m, s, _, _ = op(x, True)
+    return m, s
 
 
 def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
@@ -111,11 +119,34 @@ def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
     return (m + torch.log(total))[:, 0]
 
 
+def row_logsumexp_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, V] -> (row_logsumexp(x), row_argmax(x)), the same bits; the compiled op takes
+    both from one read of each row (a greedy step's normalizer and token)."""
+    op = _stats_op(x)
+    if op is None:
+        return row_logsumexp(x), row_argmax(x)
+    m, total, idx, _ = op(x, True)
+    return (m + torch.log(total))[:, 0], idx
+
+
+def rows_finite(x: torch.Tensor) -> torch.Tensor:
+    """[R, V] -> [R] bool: every entry of the row is finite (no NaN, no +-inf)."""
+    op = _stats_op(x)
+    if op is None:
+        return torch.isfinite(x).all(dim=-1)
+    return op(x, False)[3]
+
+
 def row_argmax(x: torch.Tensor) -> torch.Tensor:
     """[R, V] -> [R] int64: each row's first maximum, exactly torch.argmax(x, -1) (NaN
     counts as the maximum). Found chunk by chunk, as vectorized maxima, then one chunk's
     argmax: torch's CPU argmax over a vocabulary is a scalar loop (3.9 ms vs 0.6 ms on
-    [64, 49152] here)."""
+    [64, 49152] here); the compiled op, one read of the row."""
+    op = _stats_op(x)
+    return op(x, False)[2] if op is not None else _row_argmax_torch(x)
+
+
+def _row_argmax_torch(x: torch.Tensor) -> torch.Tensor:
     rows, vocab = x.shape
     full = vocab // _CHUNK * _CHUNK
     if full == 0 or rows == 0:

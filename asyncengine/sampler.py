@@ -28,11 +28,14 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
     restricted = L.restrict(scaled, mask) if mask is not None and filters else scaled  # [R, V]
     # processed_log_probs = restricted - lse, row by row below: only the rows and entries
     # that are read get materialized, with the same bits.
-    lse = L.row_logsumexp(restricted)  # [R]
+    if restricted is scaled:  # no filter: the normalizer and the greedy tokens from one read
+        lse, greedy = L.row_logsumexp_argmax(scaled)  # [R], [R]
+    else:
+        lse, greedy = L.row_logsumexp(restricted), L.row_argmax(scaled)
     need_raw = any(p.logprobs_mode == "raw" or p.return_raw_logprob for p in params)
     raw = L.raw_log_probs(logits) if need_raw else None
     kept = L.log_kept_mass(scaled, mask) if mask is not None and want_kept else None
-    greedy_tokens = L.row_argmax(scaled).tolist()  # first maximum = lowest id
+    greedy_tokens = greedy.tolist()  # first maximum = lowest id
     for r, req in enumerate(requests):
         if req.grammar is not None and req.params.greedy:  # the most likely allowed token
             greedy_tokens[r] = int(L.row_argmax(restricted[r : r + 1])[0])

@@ -42,9 +42,10 @@ def test_contract_exp_ends_and_special_values() -> None:
 
 
 def _rows(vocab: int, seed: int) -> torch.Tensor:
-    """Rows of every kind: plain at three scales, masked (-inf), all -inf, one +inf, one NaN."""
+    """Rows of every kind: plain at three scales, masked (-inf), all -inf, one +inf, one NaN,
+    ties, one huge, two NaNs, one -inf, a repeated max."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(9, vocab, generator=g)
+    x = torch.randn(12, vocab, generator=g)
     x[1] *= 10
     x[2] *= 40
     x[3, torch.rand(vocab, generator=g) < 0.7] = -INF
@@ -53,6 +54,9 @@ def _rows(vocab: int, seed: int) -> torch.Tensor:
     x[6, vocab // 3] = NAN
     x[7] = x[7].round()  # ties
     x[8, 0] = 1e4  # every other entry far below: their weights flush to 0
+    x[9, [vocab - 1, vocab // 2]] = NAN  # two NaNs, the first in the tail when vocab % 16
+    x[10, vocab - 1] = -INF  # finite max, one -inf: not finite
+    x[11, [0, vocab - 1]] = 50.0  # the max twice: the first is argmax
     return x
 
 
@@ -60,14 +64,33 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
 
 
+def _op(x: torch.Tensor, with_sum: bool = True) -> tuple[torch.Tensor, ...]:
+    return torch.ops.asyncengine_cpu.row_stats(x, with_sum)
+
+
 @needs_ops
 @pytest.mark.parametrize("vocab", [1, 15, 16, 17, 511, 512, 513, 1000, 3 * 512 + 7, 49152])
-def test_compiled_op_is_the_torch_twin_bitwise(vocab: int) -> None:
+def test_compiled_op_is_the_torch_twins_bitwise(vocab: int) -> None:
     x = _rows(vocab, vocab)
-    m, s = torch.ops.asyncengine_cpu.row_max_sum(x)
+    m, s, idx, finite = _op(x)
     tm, ts = R._row_max_sum_torch(x)
     assert _same(m, tm) and _same(s, ts), vocab
-    assert R._compiled("row_max_sum") is not None  # once loaded, row_max_sum (the engine's entry) takes the op
+    assert torch.equal(idx, torch.argmax(x, dim=-1)), vocab  # NaN first, then the first max
+    assert torch.equal(finite, torch.isfinite(x).all(dim=-1)), vocab
+    m2, s2, idx2, finite2 = _op(x, with_sum=False)  # the scan alone: the same, no sum
+    assert _same(m2, m) and torch.equal(idx2, idx) and torch.equal(finite2, finite) and not s2.any()
+    # Once loaded, the entry points take the op.
+    assert R._compiled("row_stats") is not None
+    lse, am = R.row_logsumexp_argmax(x)
+    assert _same(lse, R.row_logsumexp(x)) and torch.equal(am, idx) and torch.equal(R.row_argmax(x), idx)
+    assert torch.equal(R.rows_finite(x), finite)
+
+
+def test_torch_twins_of_argmax_and_finite() -> None:
+    """What a trainer or the torch backend runs without the compiled op."""
+    for vocab in (7, 1000, 1543):
+        x = _rows(vocab, 4)
+        assert torch.equal(R._row_argmax_torch(x), torch.argmax(x, dim=-1)), vocab
 
 
 @needs_ops
@@ -86,12 +109,12 @@ def test_compiled_exp_is_the_torch_twin_entry_by_entry() -> None:
 def test_compiled_op_is_row_invariant_and_the_twin_in_row_blocks() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(40, 49152, generator=g) * 8  # 40 rows: the twin runs in blocks of 10
-    assert rows_invariant(lambda r: torch.cat(torch.ops.asyncengine_cpu.row_max_sum(r), dim=1), x)
-    m, s = torch.ops.asyncengine_cpu.row_max_sum(x)
+    assert rows_invariant(lambda r: torch.cat(_op(r)[:2], dim=1), x)
+    m, s, _, _ = _op(x)
     tm, ts = R._row_max_sum_torch(x)
     assert torch.equal(m, tm) and torch.equal(s, ts)
     # A non-contiguous view gives its contiguous copy's bits.
-    assert torch.equal(torch.ops.asyncengine_cpu.row_max_sum(x[:, ::2])[1], R._row_max_sum_torch(x[:, ::2].clone())[1])
+    assert torch.equal(_op(x[:, ::2])[1], R._row_max_sum_torch(x[:, ::2].clone())[1])
 
 
 def test_logsumexp_is_close_to_float64_and_handles_degenerate_rows() -> None:

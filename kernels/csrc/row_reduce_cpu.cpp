@@ -1,6 +1,8 @@
-// The logprob contract's vocabulary reduction (asyncengine/row_reductions.py) compiled:
-//   row_max_sum(x [R, V] fp32) -> (m [R, 1], s [R, 1])
+// The logprob contract's vocabulary reductions (asyncengine/row_reductions.py) compiled:
+//   row_stats(x [R, V] fp32, with_sum) -> (m [R, 1], s [R, 1], argmax [R] int64, finite [R] bool)
 //   m = max of the row (0 where that max is not finite: NaN anywhere, or +-inf),
+//   argmax = torch.argmax's (the first NaN, else the first maximum), finite = no NaN or inf
+//   (one read of the row, row_scan.h),
 //   s = sum over the row of contract_exp(x - m), in a fixed tree: within each chunk of
 //       512 entries halves are added (i + w with w = 256, 128, ..., 1), then the chunk sums
 //       the same way over the chunk count rounded up to a power of two (missing ones 0).
@@ -11,20 +13,23 @@
 //
 // Why it exists: torch's exp is MKL's on x86, whose generic path on AMD took ~1 ms of a
 // 64-row decode step's 2 ms logsumexp at vocab 49152; this is one read of the row for
-// the max and one for the sum, with nothing written.
+// the scan and one (from L2) for the sum, with nothing written.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
 
+#include "row_scan.h"
 #include "vec16.h"
 
 namespace {
@@ -99,22 +104,6 @@ inline float halving_sum(float* a, int64_t w) {
   return a[0];
 }
 
-float row_max(const float* x, int64_t v) {
-  V16 acc = vsplat(-kInf);
-  bool nan = false;
-  for (int64_t j = 0; j < v; j += kLanes) {
-    const V16 a = j + kLanes <= v ? vload(x + j) : load_tail(x + j, v - j, -kInf);
-    acc = vmax(a, acc);  // a NaN lane of a leaves acc: NaN is tracked apart
-#if defined(__AVX512F__)
-    nan |= _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q) != 0;
-#else
-    for (int i = 0; i < kLanes; ++i) nan |= a.v[i] != a.v[i];
-#endif
-  }
-  const float m = hmax(acc);
-  return nan || m == kInf || m == -kInf ? 0.0f : m;
-}
-
 float row_exp_sum(const float* x, int64_t v, float m, float* chunk_sums) {
   alignas(64) float e[kChunk];
   const V16 mv = vsplat(m);
@@ -136,31 +125,41 @@ float row_exp_sum(const float* x, int64_t v, float m, float* chunk_sums) {
   return halving_sum(chunk_sums, padded);
 }
 
-std::tuple<at::Tensor, at::Tensor> row_max_sum(const at::Tensor& x_in) {
+// with_sum false skips the sum (s is left 0): the finite check and a filtered row's
+// argmax need only the scan.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats(const at::Tensor& x_in, bool with_sum) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
-              "row_max_sum takes a CPU float32 [R, V] tensor");
+              "row_stats takes a CPU float32 [R, V] tensor");
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), v = x.size(1);
-  at::Tensor m = at::empty({rows, 1}, x.options()), s = at::empty({rows, 1}, x.options());
+  TORCH_CHECK(v < (int64_t{1} << 31) - kLanes, "row_stats: rows of at most 2^31 - 17 entries (int32 lane indices)");
+  at::Tensor m = at::empty({rows, 1}, x.options()), s = at::zeros({rows, 1}, x.options());
+  at::Tensor idx = at::empty({rows}, x.options().dtype(at::kLong)), finite = at::empty({rows}, x.options().dtype(at::kBool));
+  if (v == 0) {  // torch's amax and argmax have no identity: the twins raise the same way
+    TORCH_CHECK(rows == 0, "row_stats of an empty row");
+    return {m, s, idx, finite};
+  }
   const float* xp = x.data_ptr<float>();
   float *mp = m.data_ptr<float>(), *sp = s.data_ptr<float>();
-  if (v == 0) {  // torch's amax has no identity: the twin raises the same way
-    TORCH_CHECK(rows == 0, "row_max_sum of an empty row");
-    return {m, s};
-  }
+  int64_t* ip = idx.data_ptr<int64_t>();
+  bool* fp = finite.data_ptr<bool>();
   const int64_t grain = std::max<int64_t>(1, 16384 / v);
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     // halving_sum works on whole vectors past 16 sums: round the buffer up to one.
     std::vector<float> sums(std::max<int64_t>(kLanes, 2 * ((v + kChunk - 1) / kChunk)));
     for (int64_t r = r0; r < r1; ++r) {
-      mp[r] = row_max(xp + r * v, v);
-      sp[r] = row_exp_sum(xp + r * v, v, mp[r], sums.data());
+      const RowScan scan = scan_row(xp + r * v, v);
+      // The normalizer's shift: 0 where the max is not finite (NaN anywhere, or +-inf).
+      mp[r] = !scan.nan && std::isfinite(scan.max) ? scan.max : 0.0f;
+      ip[r] = scan.argmax;
+      fp[r] = scan.finite;
+      if (with_sum) sp[r] = row_exp_sum(xp + r * v, v, mp[r], sums.data());  // the row is in L2 now
     }
   });
-  return {m, s};
+  return {m, s, idx, finite};
 }
 
-// contract_exp elementwise: what row_max_sum sums, for the contract's other uses (top-p's
+// contract_exp elementwise: what row_stats sums, for the contract's other uses (top-p's
 // mass) and for tests that compare it with the twin entry by entry.
 at::Tensor contract_exp_op(const at::Tensor& t_in) {
   TORCH_CHECK(t_in.scalar_type() == at::kFloat && t_in.device().is_cpu(), "contract_exp takes a CPU float32 tensor");
@@ -182,6 +181,6 @@ at::Tensor contract_exp_op(const at::Tensor& t_in) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(asyncengine_cpu, m) {
-  m.def("row_max_sum(Tensor x) -> (Tensor, Tensor)", &row_max_sum);
+  m.def("row_stats(Tensor x, bool with_sum) -> (Tensor, Tensor, Tensor, Tensor)", &row_stats);
   m.def("contract_exp(Tensor t) -> Tensor", &contract_exp_op);
 }
