@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from asyncengine.row_reductions import (  # noqa: F401  (re-exported: the contract's reductions)
-    contract_exp, row_argmax, row_log_softmax, row_logsumexp, row_logsumexp_argmax, row_max_sum, rows_finite,
+    RowStats, contract_exp, row_argmax, row_log_softmax, row_logsumexp, row_max_sum, row_stats, rows_finite,
 )
 from asyncengine.sampling_params import SamplingParams
 

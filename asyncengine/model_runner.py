@@ -14,7 +14,7 @@ from asyncengine.models.weights import load_weights, read_safetensors
 from asyncengine.reliability.faults import FaultHook
 from asyncengine.outputs import ModelRunnerOutput, PromptLogprobs, SampleResult, SchedulerOutput
 from asyncengine.request import Request
-from asyncengine.row_reductions import rows_finite
+from asyncengine.row_reductions import RowStats, row_stats, rows_finite
 from kernels.attention import AttentionMetadata
 from kernels.dispatch import get_ops
 
@@ -107,13 +107,18 @@ class ModelRunner:
         if logits.device.type == "cuda":
             logits = _to_host(logits)
         sample_reqs, plp_slices = step.sample_reqs, step.plp_slices
-        failed = self._nonfinite_rows(logits, sample_reqs, plp_slices)
+        stats, finite = self._check_rows(logits, sample_reqs, plp_slices)
+        failed = self._nonfinite_rows(finite, sample_reqs, plp_slices)
         if failed:  # drop the failed requests' rows; the others sample row by row, unchanged
             sample_reqs = [(i, r) for i, r in sample_reqs if r.request_id not in failed]
             plp_slices = [p for p in plp_slices if p[0].request_id not in failed]
         samples: dict[str, SampleResult] = {}
         if sample_reqs:
-            results = sampler.sample(_take_rows(logits, [i for i, _ in sample_reqs]), [r for _, r in sample_reqs])
+            rows = [i for i, _ in sample_reqs]
+            if stats is not None and rows != list(range(logits.shape[0])):  # the sampled rows' stats
+                index = torch.tensor(rows, dtype=torch.int64)
+                stats = RowStats(stats.lse[index], stats.argmax[index], stats.finite[index])
+            results = sampler.sample(_take_rows(logits, rows), [r for _, r in sample_reqs], stats)
             samples = {r.request_id: res for (_, r), res in zip(sample_reqs, results)}
         plps: dict[str, PromptLogprobs] = {}
         for req, lo_row, (lo, hi) in plp_slices:
@@ -123,25 +128,30 @@ class ModelRunner:
             )
         return ModelRunnerOutput(samples=samples, prompt_logprobs=plps, failed=failed)
 
-    def _nonfinite_rows(
+    def _check_rows(
         self, logits: torch.Tensor, sample_reqs: list[tuple[int, Request]],
         plp_slices: list[tuple[Request, int, tuple[int, int]]],
-    ) -> dict[str, str]:
-        """request_id -> reason, for requests with a NaN or inf among their logits rows.
-
-        One [R] reduction (`rows_finite`: the compiled row scan, one read of the logits)
-        and one host sync check the whole step.
-        """
-        owners = [""] * logits.shape[0]
-        for req, lo_row, (lo, hi) in plp_slices:
-            owners[lo_row : lo_row + hi - lo] = [req.request_id] * (hi - lo)
-        for i, req in sample_reqs:
-            owners[i] = req.request_id
+    ) -> tuple[RowStats | None, torch.Tensor]:
+        """([R] row stats for the sampler, or None; [R] bool finite rows). Where every row
+        samples from the logits as they are (a plain decode step), one `row_stats` call
+        also gives the sampler its normalizer and greedy tokens: one read of the logits,
+        not two."""
         if self.faults is not None:
-            self.faults.corrupt_logits(logits, owners)
-        finite = rows_finite(logits)  # [R]
+            self.faults.corrupt_logits(logits, _row_owners(logits.shape[0], sample_reqs, plp_slices))
+        if not plp_slices and sampler.reads_logits_as_is([r for _, r in sample_reqs]):
+            stats = row_stats(logits)
+            return stats, stats.finite
+        return None, rows_finite(logits)
+
+    def _nonfinite_rows(
+        self, finite: torch.Tensor, sample_reqs: list[tuple[int, Request]],
+        plp_slices: list[tuple[Request, int, tuple[int, int]]],
+    ) -> dict[str, str]:
+        """request_id -> reason, for requests with a NaN or inf among their logits rows
+        (finite: [R] bool); one host sync checks the whole step."""
         if bool(finite.all()):
             return {}
+        owners = _row_owners(finite.shape[0], sample_reqs, plp_slices)
         bad = (~finite).nonzero()[:, 0].tolist()
         return {owners[i]: "the model produced non-finite logits (NaN or inf)" for i in bad}
 
@@ -218,6 +228,17 @@ def _to_host(x: torch.Tensor) -> torch.Tensor:
     host.copy_(x, non_blocking=True)
     torch.cuda.current_stream(x.device).synchronize()
     return host
+
+
+def _row_owners(n: int, sample_reqs: list[tuple[int, Request]],
+                plp_slices: list[tuple[Request, int, tuple[int, int]]]) -> list[str]:
+    """The request id of each of a step's n logits rows."""
+    owners = [""] * n
+    for req, lo_row, (lo, hi) in plp_slices:
+        owners[lo_row : lo_row + hi - lo] = [req.request_id] * (hi - lo)
+    for i, req in sample_reqs:
+        owners[i] = req.request_id
+    return owners
 
 
 def _take_rows(x: torch.Tensor, rows: list[int], index: torch.Tensor | None = None) -> torch.Tensor:

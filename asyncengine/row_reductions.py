@@ -15,6 +15,8 @@ Importable without the engine: a trainer calls these on its own logits.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 # Vocabulary reductions run in chunks of this many entries (a power of two).
@@ -119,14 +121,22 @@ def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
     return (m + torch.log(total))[:, 0]
 
 
-def row_logsumexp_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, V] -> (row_logsumexp(x), row_argmax(x)), the same bits; the compiled op takes
-    both from one read of each row (a greedy step's normalizer and token)."""
+class RowStats(NamedTuple):
+    """What a plain sampling step reads of its [R, V] logits, each exactly the function's."""
+
+    lse: torch.Tensor     # [R] row_logsumexp
+    argmax: torch.Tensor  # [R] int64, row_argmax
+    finite: torch.Tensor  # [R] bool, rows_finite
+
+
+def row_stats(x: torch.Tensor) -> RowStats:
+    """All three from one compiled call (one read of each row for the scan, one from L2 for
+    the sum): a decode step's non-finite check, normalizer and greedy tokens."""
     op = _stats_op(x)
     if op is None:
-        return row_logsumexp(x), row_argmax(x)
-    m, total, idx, _ = op(x, True)
-    return (m + torch.log(total))[:, 0], idx
+        return RowStats(row_logsumexp(x), _row_argmax_torch(x), torch.isfinite(x).all(dim=-1))
+    m, total, idx, finite = op(x, True)
+    return RowStats((m + torch.log(total))[:, 0], idx, finite)
 
 
 def rows_finite(x: torch.Tensor) -> torch.Tensor:

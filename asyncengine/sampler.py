@@ -9,8 +9,21 @@ from asyncengine.request import Request
 from asyncengine.structured.bitmask import allowed_tokens
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
-    """logits: [R, V] fp32, one row per request (its last position)."""
+def reads_logits_as_is(requests: list[Request]) -> bool:
+    """Whether sampling these rows reads the logits themselves (no penalty, T = 1 or
+    greedy, no top-k/top-p/min-p, no grammar): then `sample` can take the normalizer and
+    greedy tokens the caller computed with its non-finite check (`L.row_stats`). A hint
+    only: `sample` checks that its rows are the logits before it uses them."""
+    return all(r.grammar is None and (r.params.greedy or r.params.temperature == 1.0)
+               and r.params.repetition_penalty == 1.0 and r.params.frequency_penalty == 0.0
+               and r.params.presence_penalty == 0.0 and not r.params.top_k_active
+               and r.params.top_p >= 1.0 and r.params.min_p <= 0.0 for r in requests)
+
+
+def sample(logits: torch.Tensor, requests: list[Request], stats: L.RowStats | None = None) -> list[SampleResult]:
+    """logits: [R, V] fp32, one row per request (its last position). stats: L.row_stats
+    of these logits, when the caller has it (used only where the rows sample from the
+    logits as they are)."""
     params = [r.params for r in requests]
     penalized = L.apply_penalties(
         logits, params, [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests]
@@ -29,7 +42,9 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
     # processed_log_probs = restricted - lse, row by row below: only the rows and entries
     # that are read get materialized, with the same bits.
     if restricted is scaled:  # no filter: the normalizer and the greedy tokens from one read
-        lse, greedy = L.row_logsumexp_argmax(scaled)  # [R], [R]
+        if stats is None or scaled is not logits:
+            stats = L.row_stats(scaled)
+        lse, greedy = stats.lse, stats.argmax  # [R], [R]
     else:
         lse, greedy = L.row_logsumexp(restricted), L.row_argmax(scaled)
     need_raw = any(p.logprobs_mode == "raw" or p.return_raw_logprob for p in params)

@@ -51,7 +51,7 @@ def instrument(core: EngineCore) -> None:
     timed(core.runner, "_prepare", "input lists (Python)")
     timed(core.runner.model, "forward", "forward")
     timed(core.runner.model, "compute_logits", "logits (lm_head)")
-    timed(core.runner, "_nonfinite_rows", "finite check (torch)")
+    timed(core.runner, "_check_rows", "finite check + row stats")
     timed(model_runner.sampler, "sample", "sampler (torch + Python)")
     timed(core, "_commit", "commit (Python)")
     timed(detokenizer.IncrementalDetokenizer, "add", "detokenize (Python)")

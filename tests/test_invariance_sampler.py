@@ -89,3 +89,18 @@ def test_top_p_support_is_thread_invariant() -> None:
 
 def _fields(sp: SamplingParams) -> dict[str, object]:
     return {name: getattr(sp, name) for name in sp.__dataclass_fields__}
+
+
+def test_sampling_with_the_callers_row_stats_is_sampling_without() -> None:
+    """The model runner hands a plain step's sampler the row stats of its finite check;
+    the results are the sampler's own, and stats are ignored where rows are not the logits."""
+    logits = _logits(8, seed=3)
+    plain = [SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=1.0, seed=1)] * 4
+    reqs = [Request(f"p{i}", [1, 2], sp, seed=i) for i, sp in enumerate(plain)]
+    assert sampler.reads_logits_as_is(reqs)
+    assert sampler.sample(logits, reqs, L.row_stats(logits)) == sampler.sample(logits, reqs)
+    # T = 0.7 scales the rows: the stats of the unscaled logits must not be used.
+    hot = [Request(f"h{i}", [1, 2], SamplingParams(temperature=0.7, seed=i), seed=i) for i in range(8)]
+    assert not sampler.reads_logits_as_is(hot)
+    wrong = L.RowStats(torch.zeros(8), torch.zeros(8, dtype=torch.int64), torch.ones(8, dtype=torch.bool))
+    assert sampler.sample(logits, hot, wrong) == sampler.sample(logits, hot)

@@ -81,9 +81,9 @@ def test_compiled_op_is_the_torch_twins_bitwise(vocab: int) -> None:
     assert _same(m2, m) and torch.equal(idx2, idx) and torch.equal(finite2, finite) and not s2.any()
     # Once loaded, the entry points take the op.
     assert R._compiled("row_stats") is not None
-    lse, am = R.row_logsumexp_argmax(x)
-    assert _same(lse, R.row_logsumexp(x)) and torch.equal(am, idx) and torch.equal(R.row_argmax(x), idx)
-    assert torch.equal(R.rows_finite(x), finite)
+    stats = R.row_stats(x)
+    assert _same(stats.lse, R.row_logsumexp(x)) and torch.equal(stats.argmax, idx) and torch.equal(stats.finite, finite)
+    assert torch.equal(R.row_argmax(x), idx) and torch.equal(R.rows_finite(x), finite)
 
 
 def test_torch_twins_of_argmax_and_finite() -> None:
@@ -91,6 +91,16 @@ def test_torch_twins_of_argmax_and_finite() -> None:
     for vocab in (7, 1000, 1543):
         x = _rows(vocab, 4)
         assert torch.equal(R._row_argmax_torch(x), torch.argmax(x, dim=-1)), vocab
+    ops = dict(R._compiled_ops)
+    try:  # as a trainer without the engine's ops runs it
+        R._compiled_ops.update(row_stats=None)
+        stats = R.row_stats(x)
+        assert _same(stats.lse, (lambda m, s: (m + torch.log(s))[:, 0])(*R._row_max_sum_torch(x)))
+        assert torch.equal(stats.argmax, torch.argmax(x, dim=-1))
+        assert torch.equal(stats.finite, torch.isfinite(x).all(dim=-1))
+    finally:
+        R._compiled_ops.clear()
+        R._compiled_ops.update(ops)
 
 
 @needs_ops

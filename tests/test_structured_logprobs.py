@@ -37,10 +37,10 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[str, int], torch.Ten
     rows: dict[tuple[str, int], torch.Tensor] = {}
     real = sampler_module.sample
 
-    def recording(logits: torch.Tensor, requests: list[Any]) -> Any:
+    def recording(logits: torch.Tensor, requests: list[Any], stats: Any = None) -> Any:
         for r, req in enumerate(requests):
             rows[(req.request_id, req.num_output_tokens)] = logits[r].clone()
-        return real(logits, requests)
+        return real(logits, requests, stats)
 
     monkeypatch.setattr(sampler_module, "sample", recording)
     return rows
