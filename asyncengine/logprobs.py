@@ -37,8 +37,7 @@ def apply_penalties(
     then frequency and presence (OpenAI/vLLM): z - freq * count - presence * (count > 0)
     over output tokens.
     """
-    if not any(sp.repetition_penalty != 1.0 or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
-               for sp in params):
+    if not any(sp.penalized for sp in params):
         return logits  # nothing to change (callers never write into the result)
     out = logits.clone()
     for r, sp in enumerate(params):

@@ -15,9 +15,7 @@ def reads_logits_as_is(requests: list[Request]) -> bool:
     greedy tokens the caller computed with its non-finite check (`L.row_stats`). A hint
     only: `sample` checks that its rows are the logits before it uses them."""
     return all(r.grammar is None and (r.params.greedy or r.params.temperature == 1.0)
-               and r.params.repetition_penalty == 1.0 and r.params.frequency_penalty == 0.0
-               and r.params.presence_penalty == 0.0 and not r.params.top_k_active
-               and r.params.top_p >= 1.0 and r.params.min_p <= 0.0 for r in requests)
+               and not r.params.penalized and not r.params.filtered for r in requests)
 
 
 def sample(logits: torch.Tensor, requests: list[Request], stats: L.RowStats | None = None) -> list[SampleResult]:
@@ -32,7 +30,7 @@ def sample(logits: torch.Tensor, requests: list[Request], stats: L.RowStats | No
     # The grammar's allowed set G comes after top-k/top-p/min-p: S ∩ G (logprobs.grammar_support).
     outputs = [r.output_token_ids if r.grammar is not None else () for r in requests]
     allowed = allowed_tokens([r.grammar for r in requests], outputs, logits.shape[1], logits.device)
-    filters = allowed is not None or any(p.top_k_active or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
+    filters = allowed is not None or any(p.filtered for p in params)
     want_kept = any(p.return_log_kept_mass for p in params)
     # S ∩ G [R, V]; when no row filters it is every token, built only for log_kept_mass
     # (a [R, V] fill: ~0.1 ms of a 64-row decode step at vocab 49152).

@@ -123,6 +123,16 @@ class SamplingParams:
     def top_k_active(self) -> bool:
         return self.top_k > 0
 
+    @property
+    def penalized(self) -> bool:
+        """Some penalty changes the logits (logprobs.apply_penalties)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def filtered(self) -> bool:
+        """top-k, top-p or min-p narrows the support (logprobs.support_mask)."""
+        return self.top_k_active or self.top_p < 1.0 or self.min_p > 0.0
+
     def with_options(self, **changes: object) -> SamplingParams:
         return replace(self, **changes)  # type: ignore[arg-type]
 
