@@ -104,7 +104,9 @@ inline float halving_sum(float* a, int64_t w) {
   return a[0];
 }
 
-float row_exp_sum(const float* x, int64_t v, float m, float* chunk_sums) {
+// next: the row the thread scans after this one (or null), hinted into L2 a line per 16
+// entries summed here, so its scan reads cache while this sum computes (hints only).
+float row_exp_sum(const float* x, int64_t v, float m, float* chunk_sums, const float* next) {
   alignas(64) float e[kChunk];
   const V16 mv = vsplat(m);
   const int64_t chunks = (v + kChunk - 1) / kChunk;
@@ -115,6 +117,7 @@ float row_exp_sum(const float* x, int64_t v, float m, float* chunk_sums) {
     const int64_t n = std::min<int64_t>(kChunk, v - c * kChunk);
     for (int64_t j = 0; j < kChunk; j += kLanes) {
       V16 y = vzero();  // entries past the row add +0
+      if (next != nullptr && j < n) __builtin_prefetch(next + c * kChunk + j, 0, 2);
       if (j + kLanes <= n) y = contract_exp(vsub(vload(xc + j), mv));
       else if (j < n) y = vkeep_first(contract_exp(vsub(load_tail(xc + j, n - j, 0.0f), mv)), int(n - j), 0.0f);
       vstore(e + j, y);
@@ -153,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats(const at::T
       mp[r] = !scan.nan && std::isfinite(scan.max) ? scan.max : 0.0f;
       ip[r] = scan.argmax;
       fp[r] = scan.finite;
-      if (with_sum) sp[r] = row_exp_sum(xp + r * v, v, mp[r], sums.data());  // the row is in L2 now
+      const float* next = r + 1 < r1 ? xp + (r + 1) * v : nullptr;
+      if (with_sum) sp[r] = row_exp_sum(xp + r * v, v, mp[r], sums.data(), next);  // the row is in L2 now
     }
   });
   return {m, s, idx, finite};
