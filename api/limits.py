@@ -6,6 +6,8 @@ checked on each parsed generation request, before anything reaches the engine.
 """
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +40,19 @@ class Limits:
             raise ValueError(f"max_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
 
     def handler_args(self) -> dict[str, Any]:
-        """aiohttp RequestHandler arguments (web.run_app(handler_args=...))."""
+        """aiohttp RequestHandler arguments, passed as keywords of web.run_app / AppRunner,
+        which hand them to every handler (`run_options`)."""
         return {"max_line_size": self.max_header_bytes, "max_field_size": self.max_header_bytes,
                 "max_headers": self.max_headers}
+
+
+def run_options(limits: Limits, access_log: logging.Logger | None) -> dict[str, Any]:
+    """web.run_app's keywords after app, host, port and loop, for `serve` and the replicated
+    front. The parser limits go in as plain keywords: aiohttp's run_app has no handler_args
+    parameter (that is Application's), so handler_args=... reached each request handler as
+    one unknown argument, and aiohttp then built the handler without any custom argument
+    (logging "Failed to create request handler"): no header limits, no keep-alive setting."""
+    return {"handler_cancellation": True, "access_log": access_log, "print": None, **limits.handler_args()}
 
 
 LIMITS_KEY: web.AppKey[Limits] = web.AppKey("limits", Limits)

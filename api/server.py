@@ -222,13 +222,12 @@ def serve(args: argparse.Namespace, config: EngineConfig, faults: FaultHook | No
     limits = _add_reliability(app, engine, args)
     loop = _new_loop(use_uvloop)
     log.info("serving %s on http://%s:%d (event loop: %s)", names[0], args.host, args.port, type(loop).__module__)
-    web.run_app(
-        app, host=args.host, port=args.port, handler_cancellation=True, loop=loop,
-        access_log=logging.getLogger("aiohttp.access") if getattr(args, "access_log", False) else None,
-        print=None, handler_args=limits.handler_args(),
-        # After the drain (api/shutdown.py) every request has ended; this bounds the rest.
-        shutdown_timeout=5.0,
-    )
+    from api.limits import run_options
+
+    access_log = logging.getLogger("aiohttp.access") if getattr(args, "access_log", False) else None
+    # After the drain (api/shutdown.py) every request has ended; shutdown_timeout bounds the rest.
+    web.run_app(app, host=args.host, port=args.port, loop=loop, shutdown_timeout=5.0,
+                **run_options(limits, access_log))
     if engine.dead_error is not None:  # stopped after a fatal engine error: say so in the exit code
         log.error("exiting after a fatal engine error: %r", engine.dead_error)
         raise SystemExit(1)

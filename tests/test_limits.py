@@ -6,13 +6,15 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from api.admin import add_admin_routes
 from api.auth import add_api_key
-from api.limits import LIMITS_KEY, Limits
+from api.limits import LIMITS_KEY, Limits, run_options
 from api.server import create_app
 from asyncengine.async_engine import AsyncEngine
 from tests.test_server import MODEL, engine  # noqa: F401  (its module-scoped engine fixture)
@@ -31,7 +33,7 @@ async def client(engine: AsyncEngine) -> AsyncIterator[TestClient]:
     add_api_key(app, API_KEY)
     app[LIMITS_KEY] = LIMITS
     server = TestServer(app)
-    await server.start_server(**LIMITS.handler_args())  # what run_app's handler_args reach
+    await server.start_server(**LIMITS.handler_args())  # as run_options hands them to run_app
     async with TestClient(server) as c:
         yield c
 
@@ -126,3 +128,26 @@ def test_nothing_is_unpickled() -> None:
                 if pattern.search(line) and not line.lstrip().startswith("#"):
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert offenders == []
+
+
+async def test_serve_run_options_reach_the_http_parser(engine: AsyncEngine, caplog: pytest.LogCaptureFixture) -> None:
+    """What `serve` hands web.run_app (api.limits.run_options) through aiohttp's own runner:
+    the header limits hold and no handler is built without them."""
+    app = create_app(engine, [MODEL])
+    app[LIMITS_KEY] = LIMITS
+    options = run_options(LIMITS, None)
+    options.pop("print")  # run_app's own; the rest go to AppRunner as run_app passes them
+    runner = web.AppRunner(app, **options)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = "http://127.0.0.1:%d/v1/models" % runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url, headers={f"X-H{i}": "1" for i in range(30)}) as resp:
+                assert resp.status == 400  # 30 header fields > LIMITS.max_headers (aiohttp's own default: 128)
+            async with session.get(url) as resp:
+                assert resp.status == 200
+    finally:
+        await runner.cleanup()
+    assert "Failed to create request handler" not in caplog.text

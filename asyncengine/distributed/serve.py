@@ -50,6 +50,7 @@ def serve_replicated(args: argparse.Namespace, config: EngineConfig, names: list
     config = replica_config(config, options)
     tokenizer, block_size = _front_tokenizer(config), config.block_size
     loop = _new_loop(not getattr(args, "no_uvloop", False))
+    from api.limits import run_options
     from api.server import limits_from_args
 
     group = loop.run_until_complete(
@@ -67,8 +68,7 @@ def serve_replicated(args: argparse.Namespace, config: EngineConfig, names: list
     app.on_cleanup.append(stop)
     log.info("serving %d replicas on http://%s:%d: %s", options.num_replicas, args.host, args.port,
              ", ".join(r.url for r in group.replicas))
-    web.run_app(app, host=args.host, port=args.port, handler_cancellation=True, loop=loop, print=None,
-                access_log=None, handler_args=limits_from_args(args).handler_args())
+    web.run_app(app, host=args.host, port=args.port, loop=loop, **run_options(limits_from_args(args), None))
 
 
 def _front_tokenizer(config: EngineConfig) -> Any | None:
