@@ -36,7 +36,7 @@ def contract_exp(t: torch.Tensor) -> torch.Tensor:
     """fp32 exp(t), elementwise, each step one rounded fp32 operation: t = n ln2 + r with
     n = round(t log2 e) (ties to even), ln2 split hi + lo; p = Cephes' degree-7 polynomial
     in r by Horner's rule; p 2^n. t < -87 gives 0, t > 88 gives +inf, NaN stays NaN."""
-    op = _compiled("contract_exp") if t.device.type == "cpu" and t.dtype == torch.float32 else None
+    op = _cpu_op("contract_exp", t)
     return op(t) if op is not None else _contract_exp_torch(t)
 
 
@@ -101,14 +101,19 @@ def _compiled(name: str):
     return _compiled_ops[name]
 
 
-def _stats_op(x: torch.Tensor):
-    """The compiled row_stats for a CPU fp32 [R, V] x once the ops are loaded, else None."""
-    return _compiled("row_stats") if x.device.type == "cpu" and x.dtype == torch.float32 else None
+def _cpu_op(name: str, x: torch.Tensor):
+    """The compiled op `name` for a CPU fp32 x once the ops are loaded, else None."""
+    return _compiled(name) if x.device.type == "cpu" and x.dtype == torch.float32 else None
+
+
+def _logsumexp(m: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """row_max_sum's (m [R, 1], total [R, 1]) -> [R]."""
+    return (m + torch.log(total))[:, 0]
 
 
 def row_max_sum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[R, V] fp32 -> (max [R, 1] (0 where not finite), sum of contract_exp(x - max) [R, 1])."""
-    op = _stats_op(x)
+    op = _cpu_op("row_stats", x)
     if op is None:
         return _row_max_sum_torch(x)
     m, s, _, _ = op(x, True)
@@ -117,8 +122,7 @@ def row_max_sum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
     """[R, V] -> [R] logsumexp per row, batch- and thread-invariant. -inf entries are fine."""
-    m, total = row_max_sum(x)
-    return (m + torch.log(total))[:, 0]
+    return _logsumexp(*row_max_sum(x))
 
 
 class RowStats(NamedTuple):
@@ -132,16 +136,16 @@ class RowStats(NamedTuple):
 def row_stats(x: torch.Tensor) -> RowStats:
     """All three from one compiled call (one read of each row for the scan, one from L2 for
     the sum): a decode step's non-finite check, normalizer and greedy tokens."""
-    op = _stats_op(x)
+    op = _cpu_op("row_stats", x)
     if op is None:
         return RowStats(row_logsumexp(x), _row_argmax_torch(x), torch.isfinite(x).all(dim=-1))
     m, total, idx, finite = op(x, True)
-    return RowStats((m + torch.log(total))[:, 0], idx, finite)
+    return RowStats(_logsumexp(m, total), idx, finite)
 
 
 def rows_finite(x: torch.Tensor) -> torch.Tensor:
     """[R, V] -> [R] bool: every entry of the row is finite (no NaN, no +-inf)."""
-    op = _stats_op(x)
+    op = _cpu_op("row_stats", x)
     if op is None:
         return torch.isfinite(x).all(dim=-1)
     return op(x, False)[3]
@@ -152,7 +156,7 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     counts as the maximum). Found chunk by chunk, as vectorized maxima, then one chunk's
     argmax: torch's CPU argmax over a vocabulary is a scalar loop (3.9 ms vs 0.6 ms on
     [64, 49152] here); the compiled op, one read of the row."""
-    op = _stats_op(x)
+    op = _cpu_op("row_stats", x)
     return op(x, False)[2] if op is not None else _row_argmax_torch(x)
 
 
