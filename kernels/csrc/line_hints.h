@@ -6,6 +6,23 @@
 
 #include <cstdint>
 
+// Hint the line at p into L2 (PREFETCHT1), issued where it is written. __builtin_prefetch is
+// free to move: GCC gathers an unrolled loop's prefetches into bursts ahead of the
+// arithmetic (32 in two runs in the decode attention's 16-key score step), and a burst
+// fills the core's miss buffers, so the loads behind it wait on memory instead of the
+// fetch running under the FMAs. A volatile asm keeps its place among the others, and
+// with no memory clobber the loads and FMAs around it still schedule freely. Measured
+// on an AMD EPYC Zen 5 (bench/kernels.py --decode-bandwidth and 64 x 272 keys, bf16, a
+// pool far past the caches): the decode attention's call 0.90 -> 0.64 ms on one thread,
+// 0.53 -> 0.42 ms on two.
+inline void hint_line(const void* p) {
+#if defined(__x86_64__)
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+
 // `lines` consecutive 64-byte lines from `p`, over a loop of `over` (> 0) steps: ceil(lines /
 // over) per step from step 0, so steps [0, steps) issue them (the last may pass the end by
 // fewer than `per` lines; a hint never faults).
