@@ -15,6 +15,8 @@
 // on an AMD EPYC Zen 5 (bench/kernels.py --decode-bandwidth and 64 x 272 keys, bf16, a
 // pool far past the caches): the decode attention's call 0.90 -> 0.64 ms on one thread,
 // 0.53 -> 0.42 ms on two.
+// SpreadHints below keeps __builtin_prefetch: in the GEMMs' tile loops the asm took
+// the compiler's scheduling with it (bf16 decode GEMMs 16 -> 36 ms a step, fp32 +8%).
 inline void hint_line(const void* p) {
 #if defined(__x86_64__)
   asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
