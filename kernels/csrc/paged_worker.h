@@ -98,8 +98,9 @@ struct Worker {
   void run_decode(const Item& it, const Item* next) {
     const int64_t row0 = (row_token(it, 0) * P.num_heads + row_head(it, 0)) * P.head_dim;  // its G rows follow
     const int64_t* table = table_of(it);
-    HalfSlices<T> ahead_runs(K, next != nullptr ? table_of(*next) : nullptr, next != nullptr ? next->kv_head : 0,
-                             next != nullptr ? last_key(*next) + 1 : 0, P.head_dim, K.at(table, 0, it.kv_head));
+    HalfSlices<T> ahead_runs(K, table, it.kv_head, last_key(it) + 1, next != nullptr ? table_of(*next) : nullptr,
+                             next != nullptr ? next->kv_head : 0, next != nullptr ? last_key(*next) + 1 : 0,
+                             P.head_dim, K.at(table, 0, it.kv_head));
     decode_item<NV>(P.q + row0, P.out + row0, P.group, first_pos(it), P.scale, table, it.kv_head, K, V, ahead_runs,
                     scores, den);
   }
