@@ -16,8 +16,8 @@
 // within ~7% of a bare read of the same scattered runs. A lead of 4 halves against the
 // next item in memory order (its keys and values block by block, one item ahead), on an
 // AMD EPYC Zen 5, 64 x 272 keys, one thread: fp32 1.38-1.42 -> 1.19-1.23 ms a call, bf16
-// 0.72 -> 0.69-0.70 (leads of 8 and 16 no better); bench/throughput.py decode alternated
-// with the old order: fp32 +1.3% and +2.3% tokens/s, bf16 +2.6%.
+// 0.72 -> 0.69-0.70 (leads of 8 and 16 no better); end to end (bench/throughput.py decode,
+// alternated with the old order) +1.3-2.6% tokens/s, within the host's drift.
 #pragma once
 
 #include <algorithm>
