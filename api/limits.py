@@ -7,7 +7,6 @@ checked on each parsed generation request, before anything reaches the engine.
 from __future__ import annotations
 
 import logging
-
 from dataclasses import dataclass
 from typing import Any
 
