@@ -15,11 +15,16 @@
 // on an AMD EPYC Zen 5 (bench/kernels.py --decode-bandwidth and 64 x 272 keys, bf16, a
 // pool far past the caches): the decode attention's call 0.90 -> 0.64 ms on one thread,
 // 0.53 -> 0.42 ms on two.
+// The address goes in a register, not as a memory operand: a char-typed "m" operand may
+// alias any local array, so GCC kept the values pass's accumulators in memory and stored
+// all of them after every key (paged_decode.h's values_joint; 64 x 272 keys whose tables
+// share blocks that stay in L2, one thread: fp32 0.454 -> 0.405 ms, bf16 0.386 -> 0.274;
+// from a pool far past the caches the call is bound by its read rate and did not change).
 // SpreadHints below keeps __builtin_prefetch: in the GEMMs' tile loops the asm took
 // the compiler's scheduling with it (bf16 decode GEMMs 16 -> 36 ms a step, fp32 +8%).
 inline void hint_line(const void* p) {
 #if defined(__x86_64__)
-  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+  asm volatile("prefetcht1 (%0)" : : "r"(p));
 #else
   __builtin_prefetch(p, 0, 2);
 #endif

@@ -54,10 +54,12 @@ bool joint_layout(const PagedCache<T>& K, const PagedCache<T>& V, int64_t D) {
 
 // The halves of a thread's reads in its order (see above), from kDecodeLead halves past this
 // item's first: this item's keys chunk by chunk (the scores pass), its values (the values
-// pass), then the next item's keys and values. 16 keys' worth of a (block, head) run is
-// 2 x 16 x D elements (the whole run when BS = 16): its keys, then its values. Past the end
-// (or with no next item) take() gives `idle`, lines already cached: a hint there costs
-// only its issue.
+// pass), then the next item's keys and values. A (block, head) run is its keys (BS x D
+// elements, d-major), then its values (BS x D); the half of keys c..c+15 is the 16 x D
+// elements from c's offset in the keys' part (those keys exactly when BS = 16; for larger
+// blocks the halves of one block together cover its keys, in memory order), of values the
+// 16 keys' rows. Past the end (or with no next item) take() gives `idle`, lines already
+// cached: a hint there costs only its issue.
 constexpr int64_t kDecodeLead = 4;
 template <typename T>
 struct HalfSlices {
@@ -66,12 +68,12 @@ struct HalfSlices {
     int64_t head_off, chunks;
   };
   const T* base;
-  int64_t s_block, bs, half, next;
+  int64_t s_block, bs, d, next;
   Run runs[2];
   const char* idle;
   HalfSlices(const PagedCache<T>& K, const int64_t* tab, int64_t head, int64_t keys, const int64_t* next_tab,
              int64_t next_head, int64_t next_keys, int64_t D, const void* idle_at)
-      : base(K.base), s_block(K.s_block), bs(K.block_size), half(kLanes * D), next(kDecodeLead),
+      : base(K.base), s_block(K.s_block), bs(K.block_size), d(D), next(kDecodeLead),
         runs{{tab, head * K.s_head, (keys + kLanes - 1) / kLanes},
              {next_tab, next_head * K.s_head, next_tab == nullptr ? 0 : (next_keys + kLanes - 1) / kLanes}},
         idle(static_cast<const char*>(idle_at)) {}
@@ -81,7 +83,7 @@ struct HalfSlices {
       if (k < 2 * r.chunks) {
         const int64_t which = k / r.chunks, key = (k % r.chunks) * kLanes;  // which: 0 keys, 1 values
         const T* run = base + r.table[key / bs] * s_block + r.head_off;
-        return reinterpret_cast<const char*>(run + (key % bs) / kLanes * 2 * half + which * half);
+        return reinterpret_cast<const char*>(run + (which * bs + key % bs) * d);
       }
       k -= 2 * r.chunks;
     }
