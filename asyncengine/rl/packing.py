@@ -2,8 +2,8 @@
 
 `kernels.attention_cpu.pack_linear_weight` returns a new tensor (zeroed, then filled):
 for a weight update that is 540 MB of fresh pages to fault in on every update. The
-layout is a permutation (kernels/csrc/gemm_cpu.cpp): groups of 6 panels of 16 columns,
-group g of width J*16 stored [K, J*16] from offset g*96*K, columns past N zero, the whole
+layout is a permutation (kernels/csrc/gemm_cpu.cpp): groups of 3 panels of 16 columns,
+group g of width J*16 stored [K, J*16] from offset g*48*K, columns past N zero, the whole
 [ceil(N/16), K, 16]. `pack_into` writes the same bytes into a given buffer with two
 strided copies. It is used only where it gives the op's bytes exactly: `matches_op`
 checks that on weights of every tail shape (once per process), so a change of the
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-LANES, PANELS = 16, 6  # the kernel's kLanes, kPanels
+LANES, PANELS = 16, 3  # the kernel's kLanes, kGroup (panels per packed group)
 GROUP = LANES * PANELS
 
 
@@ -29,7 +29,7 @@ def pack_into(w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     n, k = w.shape
     panels, full = -(-n // LANES), n // GROUP
     out = out[: panels * LANES * k]
-    if full:  # [G, 96, K] rows -> [G, K, 96]
+    if full:  # [G, 48, K] rows -> [G, K, 48]
         out[: full * GROUP * k].view(full, k, GROUP).copy_(w[: full * GROUP].view(full, GROUP, k).transpose(1, 2))
     rest = n - full * GROUP
     if rest:

@@ -15,17 +15,23 @@
 // (bench/gemm.py, AMD EPYC, 2 threads, best of 2: 64 rows 379 -> 405 GFLOP/s, 512 rows
 // 380 -> 382; this machine's noise is +-10%).
 //
-// The weight is packed once, in groups of up to 6 panels of 16 columns (96 columns): a
-// group's storage is [K, J * 16] for its J panels, so the weights of one k are
-// consecutive bytes (one stream for the prefetchers). The packed tensor is
+// The weight is packed once, in groups of up to 3 panels of 16 columns (48 columns, one
+// register tile's): a group's storage is [K, J * 16] for its J panels, so a tile reads its
+// weights as one sequential stream, every byte of each k's 192 B. (Groups were 6 panels,
+// [K, 96], with two tiles each reading every other 192 B: the tile ran 10-20% slower
+// once its weights came from memory. Measured on an AMD EPYC Zen 5, one thread, 60
+// distinct packings of each of SmolLM2's shapes vs one reused, in huge pages, best of 5:
+// 32 rows 193-221 -> 232-251 GFLOP/s from memory (hot 227-247 -> 243-257), 64 rows
+// 221-231 -> 238-249, 8 rows 96-105 -> 118-136; 512 rows and 1-4 rows, bound by
+// arithmetic or by the read rate, within the host's drift.) The packed tensor is
 // [ceil(N/16), K, 16] in size, columns past N zero.
 //
 // Register tile: 8 rows x 3 panels (24 of the 32 zmm registers accumulate; per k: 3
 // weight loads, 8 broadcasts of x, 24 FMAs), each chain held in its register over its
-// block of k; the sums of the blocks stay in L1. A group's weights (K x 384 B: 221 KB
+// block of k; the sums of the blocks stay in L1. A group's weights (K x 192 B: 110 KB
 // at K = 576) stay in L2 while every row of the task passes over them, and the next group
 // is prefetched into L2 while this one is computed (see linear()). Tiles of up to 4 rows
-// (decode) span the whole group instead, with a software prefetch into L1 64 k ahead.
+// (decode) read each group once, with a software prefetch into L1 64 k ahead.
 // Measured on a shared 2-core machine (1 thread, best CPU time per layer over SmolLM2's
 // shapes, old and new alternated in one process): 64 rows 67-77% ->
 // 70-81% of the FMA peak, 512 rows 55-64% -> 65-73%, 4 rows +37%, against the 4 x 6 tile
@@ -51,10 +57,10 @@
 
 namespace {
 
-constexpr int kGroup = 6;           // 16-column panels per packed group (the layout)
+constexpr int kGroup = 3;           // 16-column panels per packed group (the layout)
 constexpr int kRows = 8;            // rows per register tile
-constexpr int kPanels = 3;          // panels per register tile (divides kGroup)
-constexpr int kWideRows = 4;        // tiles of at most this many rows span the whole group
+constexpr int kPanels = 3;          // panels per register tile (= kGroup: a tile reads whole k-rows)
+constexpr int kWideRows = 4;        // tiles of at most this many rows read each group once (decode)
 constexpr int64_t kPrefetchK = 64;  // how far ahead (in k) a wide tile prefetches its weights into L1
 constexpr int64_t kBlockK = 64;    // k per FMA chain; the chains' sums are added in k order
 
@@ -82,7 +88,7 @@ at::Tensor pack_weight(const at::Tensor& w) {
 
 struct Gemm {
   const float* x;     // [M, K]
-  const float* w;     // [P, K, 16] in size: groups of 6 panels, each [K, 6 x 16]
+  const float* w;     // [P, K, 16] in size: groups of 3 panels, each [K, 3 x 16]
   const float* bias;  // [N] or null
   float* y;           // [M, N]
   int64_t m, n, k, panels;
@@ -105,15 +111,15 @@ struct Gemm {
     auto step = [&](V16 (&acc)[R][J], int64_t kk) __attribute__((always_inline)) {
       V16 wv[J];
       for (int j = 0; j < J; ++j) wv[j] = vload(wp + kk * stride + j * kLanes);
-      // Only wide tiles (up to kWideRows rows over the whole group) prefetch into L1: they
-      // read the group once, from farther out. The others read weights the hints put in
+      // Only wide tiles (up to kWideRows rows) prefetch into L1: they read the group
+      // once, from farther out. The others read weights the hints put in
       // L2, whose lines L1's own prefetcher follows; their J prefetches a k step only took
       // load slots. Measured on an AMD EPYC (Zen 4) guest, fp32, with and without these
       // prefetches alternated in one engine, the same bits: steps of 16 prompts of 32-512
       // tokens, paired median 0.958 (20 of 30 faster); 64-sequence decode 0.982 and 0.997
       // (40 of 60, 54 of 100). Past the group's end this names other memory: prefetches
       // never fault.
-      if constexpr (J > kPanels)
+      if constexpr (R <= kWideRows)
         for (int j = 0; j < J; ++j) __builtin_prefetch(wp + (kk + kPrefetchK) * stride + j * kLanes, 0, 3);
       for (int r = 0; r < R; ++r) {
         const V16 xb = vsplat(xr[r][kk]);
@@ -159,11 +165,8 @@ struct Gemm {
 
   template <int R>
   void tile_rows(int64_t r0, int64_t p0, int64_t np, const float* pf, int64_t pf_lines) const {
-    static_assert(kPanels == 3 && kGroup == 6, "the switch below lists 1..kGroup");
+    static_assert(kPanels == 3 && kGroup == kPanels, "the switch below lists 1..kGroup");
     switch (np) {
-      case 6: if constexpr (R <= kWideRows) return tile<R, 6>(r0, p0, pf, pf_lines);
-      case 5: if constexpr (R <= kWideRows) return tile<R, 5>(r0, p0, pf, pf_lines);
-      case 4: if constexpr (R <= kWideRows) return tile<R, 4>(r0, p0, pf, pf_lines);
       case 3: return tile<R, 3>(r0, p0, pf, pf_lines);
       case 2: return tile<R, 2>(r0, p0, pf, pf_lines);
       default: return tile<R, 1>(r0, p0, pf, pf_lines);
@@ -191,23 +194,12 @@ struct Gemm {
   // thread reads after this task) are prefetched into L2, a share per tile: all of them
   // when spread(), else at most one line per k step of each tile.
   void task(int64_t r0, int64_t r1, int64_t g, const float* next, int64_t next_lines) const {
-    const int64_t p_begin = g * kGroup, p_end = std::min(panels, p_begin + kGroup);
-    // Up to kWideRows rows (decode): one tile over the whole group, so it reads the
-    // group's weights in one sequential pass and still keeps 6 x rows chains in flight.
-    auto width = [](int64_t rows) { return rows <= kWideRows ? kGroup : kPanels; };
-    int64_t tiles = 0;
-    for (int64_t r = r0; r < r1; r += kRows) {
-      const int64_t step = width(std::min<int64_t>(kRows, r1 - r));
-      tiles += (p_end - p_begin + step - 1) / step;
-    }
+    const int64_t p0 = g * kGroup, np = std::min<int64_t>(kGroup, panels - p0);
+    const int64_t tiles = (r1 - r0 + kRows - 1) / kRows;  // one tile per row block spans the group
     const int64_t share = (next_lines + tiles - 1) / tiles, take = spread() ? share : std::min(share, k);
-    int64_t i = 0;
-    for (int64_t r = r0; r < r1; r += kRows) {
-      const int64_t rows = std::min<int64_t>(kRows, r1 - r), step = width(rows);
-      for (int64_t p = p_begin; p < p_end; p += step, ++i) {
-        const int64_t q0 = std::min(next_lines, i * share), q1 = std::min(next_lines, q0 + take);
-        tile_any(r, rows, p, std::min<int64_t>(step, p_end - p), next + q0 * kLanes, q1 - q0);
-      }
+    for (int64_t i = 0, r = r0; r < r1; r += kRows, ++i) {
+      const int64_t q0 = std::min(next_lines, i * share), q1 = std::min(next_lines, q0 + take);
+      tile_any(r, std::min<int64_t>(kRows, r1 - r), p0, np, next + q0 * kLanes, q1 - q0);
     }
   }
 };
