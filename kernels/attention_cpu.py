@@ -205,7 +205,8 @@ def rope_store_kv_cpu(
 def pack_linear_weight(w: torch.Tensor) -> torch.Tensor | None:
     """A weight [N, K] in the layout packed_linear_cpu reads, or None where this dtype has
     no batch-invariant kernel here (its GEMMs stay with oneDNN/MKL in row tiles).
-    fp32: groups of 48 columns (a register tile's), each stored [K, 48], in a tensor of size [ceil(N/16), K, 16].
+    fp32: groups of 48 columns (a register tile's), each stored [K, 48], in a tensor of size
+    [ceil(N/16), K, 16].
     bf16 (CPUs with AMX or AVX512-BF16): 16-column panels of VNNI pairs, [P, Kp / 2, 16, 2]
     (both bf16 kernels read this layout)."""
     if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
