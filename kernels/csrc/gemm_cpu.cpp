@@ -93,8 +93,8 @@ struct Gemm {
   int64_t m, n, k, panels;
 
   // Rows r0..r0+R-1 against the J panels of the group starting at panel p0, the whole chain over k;
-  // it also prefetches the `pf_lines` lines at `pf` into L2, ceil(pf_lines / K) per k step
-  // from the first.
+  // it also prefetches the `pf_lines` lines at `pf` into L2, spread evenly over its k steps
+  // (EvenHints, line_hints.h).
   template <int R, int J>
   void tile(int64_t r0, int64_t p0, const float* pf, int64_t pf_lines) const {
     constexpr int64_t stride = J * kLanes;               // a tile spans its whole group
@@ -133,18 +133,16 @@ struct Gemm {
         for (int j = 0; j < J; ++j) acc[r][j] = vfma(xb, wv[j], acc[r][j]);
       }
     };
-    const SpreadHints hints(pf, pf_lines, k);
+    EvenHints hints(pf, pf_lines, k);
     for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
-      const int64_t k1 = std::min(k, k0 + kBlockK), kp = std::clamp(hints.steps, k0, k1);
+      const int64_t k1 = std::min(k, k0 + kBlockK);
       V16 acc[R][J];
       for (int r = 0; r < R; ++r)
         for (int j = 0; j < J; ++j) acc[r][j] = vzero();
-      int64_t kk = k0;
-      for (; kk < kp; ++kk) {
-        hints.issue(kk);
+      for (int64_t kk = k0; kk < k1; ++kk) {
+        hints.step();
         step(acc, kk);
       }
-      for (; kk < k1; ++kk) step(acc, kk);
       for (int r = 0; r < R; ++r)
         for (int j = 0; j < J; ++j) {
           float* s = sum + (r * J + j) * kLanes;
