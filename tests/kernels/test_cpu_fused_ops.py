@@ -58,6 +58,28 @@ def test_bf16_vector_rounding_is_torchs_on_ties_subnormals_and_specials() -> Non
     assert torch.equal(new_r[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
+def test_bf16_vector_rounding_fast_path_is_torchs() -> None:
+    """Vectors of normal sums only take the hardware conversion where the CPU has one
+    (vec16.h's bf16_packed), a vector with a subnormal or NaN lane the bit-pattern path;
+    both bit for bit torch's, side by side in one row: ties to even (down and up), overflow
+    to infinity, signed zeros, magnitudes from 1e-30 to 1e30, one special in 3 of 36 vectors."""
+    g = torch.Generator().manual_seed(7)
+    mag = 10.0 ** torch.randint(-30, 31, (576,), generator=g).float()
+    a = (torch.randn(576, generator=g) * mag).bfloat16()
+    b = (torch.randn(576, generator=g) * mag * 2.0**-5).bfloat16()
+    pairs = [(1.0, 2.0**-8), (1.0 + 2.0**-7, 2.0**-8), (-1.0, -(2.0**-8)), (3.3895e38, 2.0**120),
+             (-3.3895e38, -(2.0**120)), (-0.0, -0.0), (0.0, -0.0), (2.0**-126, 2.0**-133)]
+    for i, (u, v) in enumerate(pairs):
+        a[i], b[i] = u, v
+    a[100], b[100], a[133], a[250], b[250] = 1e-39, 0.0, float("nan"), 0.0, -5e-39  # subnormal or NaN sums
+    _, new_r = rms_norm_cpu(b.view(1, 576), torch.ones(576).bfloat16(), 1e-5, a.view(1, 576))
+    want = (a.float() + b.float()).bfloat16().view(1, 576)
+    nan = want.isnan()
+    assert torch.equal(new_r.isnan(), nan) and nan.sum() == 1
+    assert torch.equal(new_r[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    assert new_r[0, 0] == 1.0 and new_r[0, 1] == 1.0 + 2.0**-6 and new_r[0, 3].isinf() and new_r[0, 100] > 0 > new_r[0, 250]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter", [40, 1536])
 def test_silu_mul_matches_exact_silu_and_is_row_invariant(inter: int, dtype: torch.dtype) -> None:
