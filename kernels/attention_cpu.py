@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "paged_attention_cpu.cpp", CSRC / "fused_ops_cpu.cpp", CSRC / "gemm_cpu.cpp", CSRC / "gemm_amx_cpu.cpp",
            CSRC / "gemm_bf16_avx512_cpu.cpp", CSRC / "sol_probe_cpu.cpp", CSRC / "decoder_layers_cpu.cpp",
-           CSRC / "row_reduce_cpu.cpp"]
+           CSRC / "row_reduce_cpu.cpp", CSRC / "overlap_probe_cpu.cpp"]
 # -ffp-contract=off: only the source's explicit FMAs fuse, so the rounding of every op
 # is fixed by the source, not by what the optimizer happens to contract.
 # -fopenmp: at::parallel_for is inlined from the headers; the libgomp.so.1 it needs is
