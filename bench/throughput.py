@@ -8,6 +8,7 @@ the same prompts (padded batches of 16, as users run it), the ratio, each side's
 of the workload's speed of light (bench/sol.py: the machine's FMA peak and streaming read
 bandwidth measured by compiled probes at the start of this run and again before each
 workload, each rate at the highest seen so far; FLOPs and bytes counted exactly per step),
+the fraction of the bound with the KV reads not under the FMAs ("unhidden", also sol.py),
 and the process's peak RSS while each side ran.
 
 llama.cpp's own server is the third side when its binary is there (`--llamacpp auto`, the
@@ -163,14 +164,17 @@ def measure_round(a: argparse.Namespace, r: int, llm: LLM, model_dir: Path, dtyp
     return {name: sides[name] for name in names if name in sides}
 
 
-def report(name: str, n: int, new: int, sol_s: float, rounds: list[dict[str, Side]]) -> None:
+def report(name: str, n: int, new: int, bounds: tuple[float, float], rounds: list[dict[str, Side]]) -> None:
     """Per round: tokens/s, % of the speed of light (over wall time, and over the CPU time
     per thread: what the rate would be holding the cores alone), peak RSS, ours / each
-    peer; then medians over rounds."""
-    sol_tok_s = n * new / sol_s
+    peer; then medians over rounds. bounds: the speed of light and the bound with the KV
+    reads not under the FMAs (sol.py), in seconds."""
+    sol_s, serial_s = bounds
+    sol_tok_s, serial_tok_s = n * new / sol_s, n * new / serial_s
 
     def fmt(who: str, s: Side) -> str:
-        return (f"{who} {s.tok_s:7.1f} tok/s ({100 * s.tok_s / sol_tok_s:5.1f}% of SOL; per CPU time "
+        return (f"{who} {s.tok_s:7.1f} tok/s ({100 * s.tok_s / sol_tok_s:5.1f}% of SOL, "
+                f"{100 * s.tok_s / serial_tok_s:5.1f}% unhidden; per CPU time "
                 f"{s.cpu_tok_s:7.1f}, {100 * s.cpu_tok_s / sol_tok_s:5.1f}%; peak RSS {s.peak_rss / 2**30:.2f} GiB)")
 
     def line(sides: dict[str, Side]) -> str:
@@ -178,7 +182,8 @@ def report(name: str, n: int, new: int, sol_s: float, rounds: list[dict[str, Sid
         peers = [f"{fmt(who, s)} | ours/{who} {ours.tok_s / s.tok_s:5.2f}x" for who, s in sides.items() if who != "ours"]
         return " | ".join([fmt("ours", ours), *peers])
 
-    print(f"  {name:8s} {n} prompts x {new} new: speed of light {sol_tok_s:7.1f} tok/s ({sol_s:.2f} s)")
+    print(f"  {name:8s} {n} prompts x {new} new: speed of light {sol_tok_s:7.1f} tok/s ({sol_s:.2f} s); "
+          f"with the KV reads not under the FMAs (unhidden) {serial_tok_s:7.1f} tok/s ({serial_s:.2f} s)")
     for r, sides in enumerate(rounds):
         names = list(sides)
         print(f"  {name:8s} round {r} ({names[r % len(names)]} first): {line(sides)}", flush=True)
@@ -250,10 +255,11 @@ def run_dtype(a: argparse.Namespace, model_dir: Path, machine: Machine, dtype_na
             now = measure_machine()
             machine = faster(machine, now)
             print(f"  {name:8s} probes again: {now.describe()}")
-            sol_s = sol_seconds(cost, machine, [len(p) for p in prompts], new, config.max_num_batched_tokens,
-                                config.max_num_seqs)
+            lengths, limits = [len(p) for p in prompts], (config.max_num_batched_tokens, config.max_num_seqs)
+            sol_s = sol_seconds(cost, machine, lengths, new, *limits)
+            serial_s = sol_seconds(cost, machine, lengths, new, *limits, kv_hidden=False)
             rounds = [measure_round(a, r, llm, model_dir, dtype_name, prompts, new, peer) for r in range(a.rounds)]
-            report(name, len(prompts), new, sol_s, rounds)
+            report(name, len(prompts), new, (sol_s, serial_s), rounds)
     finally:
         if peer is not None:
             peer.close()

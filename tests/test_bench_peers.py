@@ -89,8 +89,9 @@ def test_find_binary(tmp_path: Path) -> None:
 def test_report_prints_every_peer_and_the_ratios(capsys: pytest.CaptureFixture[str]) -> None:
     ours, hf, llama = Side(100.0, 120.0, 2**30), Side(25.0, 30.0, 2**30), Side(50.0, 60.0, 2**29)
     rounds = [{"ours": ours, "HF": hf, "llama.cpp": llama}] * 3
-    report("decode", 4, 8, sol_s=32 / 200.0, rounds=rounds)
+    report("decode", 4, 8, bounds=(32 / 200.0, 32 / 125.0), rounds=rounds)
     out = capsys.readouterr().out
+    assert "ours   100.0 tok/s ( 50.0% of SOL,  80.0% unhidden" in out  # 32 tokens: SOL 200 tok/s, bound 125
     assert "ours/HF  4.00x" in out and "ours/llama.cpp  2.00x" in out
     assert "round 1 (HF first)" in out and "round 2 (llama.cpp first)" in out
     assert "median ours/llama.cpp 2.00x" in out and "peak RSS 0.50 GiB" in out
@@ -125,3 +126,7 @@ def test_decode_sol_is_sol_seconds_without_the_prefill() -> None:
     assert decode_sol_seconds(cost, one, [3, 1], 3) == sol_seconds(cost, one, [3, 1], 3, 2048, 64) - 40
     # The first decode step: compute 2 x 2 + 2 x 2 + 4 x (4 + 2) = 32 < memory (4 read + 2 written) x 10.
     assert decode_sol_seconds(cost, one, [3, 1], 2) == 60
+    # With the KV reads not under the FMAs the step is compute + the 4 cached tokens' KV: 32 + 40;
+    # the prefill reads no cached KV and stays 40.
+    assert sol_seconds(cost, one, [3, 1], 2, 2048, 64) == 40 + 60
+    assert sol_seconds(cost, one, [3, 1], 2, 2048, 64, kv_hidden=False) == 40 + 72
