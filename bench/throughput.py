@@ -11,7 +11,12 @@ workload, each rate at the highest seen so far; FLOPs and bytes counted exactly 
 the fraction of the bound with the KV reads not under the FMAs ("unhidden", also sol.py),
 and the process's peak RSS while each side ran.
 
-llama.cpp's own server is the third side when its binary is there (`--llamacpp auto`, the
+Our own server is a side too (ours-http, unless --no-http; bench/ours_http.py): `asyncengine
+serve` in a child process for its turn, the same prompts as token ids sent at once as
+plain POST /v1/completions, its process's CPU time and peak RSS: the view from outside,
+like for like with llama.cpp's.
+
+llama.cpp's own server is the last side when its binary is there (`--llamacpp auto`, the
 default, finds the one `python bench/llamacpp.py --fetch` unpacks; `--llamacpp PATH` names
 another; `off` skips it): one server per dtype with 64 slots, continuous batching, prompt
 cache off, the same prompts as token ids all sent at once, greedy, exactly the new tokens,
@@ -51,6 +56,7 @@ from asyncengine.llm import LLM  # noqa: E402
 from asyncengine.model_files import resolve_model  # noqa: E402
 from asyncengine.sampling_params import SamplingParams  # noqa: E402
 from bench.llamacpp import PeerError, Server, find_binary, prepared_ggufs, run_peer  # noqa: E402
+from bench.ours_http import kv_blocks_for, run_ours_http  # noqa: E402
 from bench.sol import (  # noqa: E402
     Machine, ModelCost, faster, measure_machine, peak_rss_bytes, reset_peak_rss, sol_seconds,
 )
@@ -134,26 +140,44 @@ def timed_side(run: Callable[[], Clock], tokens: int) -> Side:
     return Side(tokens / clock.wall, tokens * torch.get_num_threads() / clock.cpu, peak_rss_bytes())
 
 
+def outside_side(measured: tuple[float, float, int], tokens: int) -> Side:
+    """A server process's side from (wall s, its CPU s, its peak RSS)."""
+    wall, cpu, rss = measured
+    return Side(tokens / wall, tokens * torch.get_num_threads() / cpu, rss)
+
+
 def run_llamacpp(server: Server | None, prompts: list[list[int]], new_tokens: int) -> Side:
     """llama.cpp's server on the same prompts (bench/llamacpp.py); its own process's CPU
     time and peak RSS."""
     assert server is not None
-    wall, cpu, rss = run_peer(server, prompts, new_tokens)
-    tokens = len(prompts) * new_tokens
-    return Side(tokens / wall, tokens * torch.get_num_threads() / cpu, rss)
+    return outside_side(run_peer(server, prompts, new_tokens), len(prompts) * new_tokens)
+
+
+def http_flags(a: argparse.Namespace, llm: LLM, model_dir: Path, dtype_name: str, prompts: list[list[int]],
+               new: int) -> list[str]:
+    """`asyncengine serve` flags for the ours-http side: the in-process engine's settings,
+    a KV pool that holds the whole workload."""
+    c = llm.engine.config
+    return ["--model", str(model_dir), "--dtype", dtype_name, "--max-num-seqs", str(c.max_num_seqs),
+            "--max-num-batched-tokens", str(c.max_num_batched_tokens),
+            "--num-kv-blocks", str(kv_blocks_for(prompts, new, c.block_size))] + (
+            ["--non-deterministic"] if a.non_deterministic else [])
 
 
 def measure_round(a: argparse.Namespace, r: int, llm: LLM, model_dir: Path, dtype_name: str,
                   prompts: list[list[int]], new: int, peer: Server | None) -> dict[str, Side]:
-    """One round: ours, HF (unless --skip-hf) and llama.cpp (when there is a peer server);
-    the side that runs first rotates each round."""
+    """One round: ours, our server over HTTP (unless --no-http), HF (unless --skip-hf) and
+    llama.cpp (when there is a peer server); the side that runs first rotates each round."""
     tokens = len(prompts) * new
     runs: dict[str, Callable[[], Side]] = {
         "ours": lambda: timed_side(lambda: run_ours(llm, prompts, new), tokens),
+        "ours-http": lambda: outside_side(
+            run_ours_http(http_flags(a, llm, model_dir, dtype_name, prompts, new), prompts, new), tokens),
         "HF": lambda: timed_side(lambda: run_hf(model_dir, DTYPES[dtype_name], prompts, new), tokens),
         "llama.cpp": lambda: run_llamacpp(peer, prompts, new),
     }
-    names = ["ours"] + ([] if a.skip_hf else ["HF"]) + ([] if peer is None else ["llama.cpp"])
+    names = (["ours"] + ([] if a.no_http else ["ours-http"]) + ([] if a.skip_hf else ["HF"])
+             + ([] if peer is None else ["llama.cpp"]))
     order = names[r % len(names):] + names[: r % len(names)]
     sides = {}
     for name in order:
@@ -178,8 +202,10 @@ def report(name: str, n: int, new: int, bounds: tuple[float, float], rounds: lis
                 f"{s.cpu_tok_s:7.1f}, {100 * s.cpu_tok_s / sol_tok_s:5.1f}%; peak RSS {s.peak_rss / 2**30:.2f} GiB)")
 
     def line(sides: dict[str, Side]) -> str:
-        ours = sides["ours"]
-        peers = [f"{fmt(who, s)} | ours/{who} {ours.tok_s / s.tok_s:5.2f}x" for who, s in sides.items() if who != "ours"]
+        ours, http = sides["ours"], sides.get("ours-http")
+        peers = [f"{fmt(who, s)} | ours/{who} {ours.tok_s / s.tok_s:5.2f}x"
+                 + (f" | ours-http/{who} {http.tok_s / s.tok_s:5.2f}x" if http is not None and who != "ours-http" else "")
+                 for who, s in sides.items() if who != "ours"]
         return " | ".join([fmt("ours", ours), *peers])
 
     print(f"  {name:8s} {n} prompts x {new} new: speed of light {sol_tok_s:7.1f} tok/s ({sol_s:.2f} s); "
@@ -195,8 +221,9 @@ def report(name: str, n: int, new: int, bounds: tuple[float, float], rounds: lis
             return Side(med(s.tok_s for s in sides), med(s.cpu_tok_s for s in sides), max(s.peak_rss for s in sides))
 
         every = [who for who in rounds[0] if all(who in r for r in rounds)]
-        ratios = "".join(f", median ours/{who} {med(r['ours'].tok_s / r[who].tok_s for r in rounds):.2f}x"
-                         for who in every if who != "ours")
+        pairs = [("ours", who) for who in every if who != "ours"]
+        pairs += [("ours-http", who) for who in every if "ours-http" in every and who not in ("ours", "ours-http")]
+        ratios = "".join(f", median {x}/{y} {med(r[x].tok_s / r[y].tok_s for r in rounds):.2f}x" for x, y in pairs)
         print(f"  {name:8s} medians over {len(rounds)} rounds (RSS: max): "
               f"{line({who: median_side(who) for who in every})}{ratios}", flush=True)
 
@@ -213,6 +240,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(ap)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--no-http", action="store_true", help="skip our own server driven over HTTP (ours-http)")
     ap.add_argument("--non-deterministic", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--rounds", type=int, default=1, help="rotate which side runs first this many times")

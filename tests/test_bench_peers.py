@@ -1,5 +1,6 @@
-"""The llama.cpp peer's GGUF conversion (bench/llamacpp_gguf.py), its binary lookup, the
-throughput report with a third side, and the decode batch curve (bench/batch_curve.py)."""
+"""The llama.cpp peer's GGUF conversion (bench/llamacpp_gguf.py), its binary lookup, our own
+server as an outside side (bench/ours_http.py), the throughput report with those sides, and
+the decode batch curve (bench/batch_curve.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from bench.batch_curve import Point, decode_run, plot, prompts, table
 from bench.llamacpp import find_binary
 from bench.llamacpp_gguf import verify, write_dense
+from bench.ours_http import HttpError, OursServer, kv_blocks_for, run_ours_http
 from bench.throughput import Side, report
 
 
@@ -95,6 +97,38 @@ def test_report_prints_every_peer_and_the_ratios(capsys: pytest.CaptureFixture[s
     assert "ours/HF  4.00x" in out and "ours/llama.cpp  2.00x" in out
     assert "round 1 (HF first)" in out and "round 2 (llama.cpp first)" in out
     assert "median ours/llama.cpp 2.00x" in out and "peak RSS 0.50 GiB" in out
+
+
+def test_report_prints_the_http_side_against_the_peers(capsys: pytest.CaptureFixture[str]) -> None:
+    ours, http, llama = Side(100.0, 120.0, 2**30), Side(80.0, 90.0, 2**29), Side(40.0, 60.0, 2**29)
+    report("decode", 4, 8, bounds=(32 / 200.0, 32 / 125.0), rounds=[{"ours": ours, "ours-http": http, "llama.cpp": llama}] * 2)
+    out = capsys.readouterr().out
+    assert "ours/ours-http  1.25x" in out and "ours/llama.cpp  2.50x | ours-http/llama.cpp  2.00x" in out
+    assert "median ours/ours-http 1.25x" in out and "median ours-http/llama.cpp 2.00x" in out
+    assert "ours-http/ours-http" not in out
+
+
+def test_kv_blocks_hold_every_sequence_at_its_full_length() -> None:
+    # 16-token blocks: 10 + 8 -> 2 blocks, 16 + 8 -> 2, 17 + 8 -> 2; plus one each.
+    assert kv_blocks_for([[1] * 10, [1] * 16, [1] * 17], 8, 16) == 9
+    assert kv_blocks_for([[1] * 9], 8, 16) == 3  # 17 tokens: 2 blocks + 1
+
+
+def test_ours_http_side_serves_every_token(llama_dir: Path) -> None:
+    flags = ["--model", str(llama_dir), "--num-kv-blocks", "64", "--max-num-seqs", "8"]
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
+    wall, cpu, rss = run_ours_http(flags, prompts, 6)
+    assert wall > 0 and cpu >= 0 and rss > 0  # CPU time comes in clock ticks: a short run may read 0
+
+
+def test_ours_http_side_raises_on_a_refused_completion(llama_dir: Path, tmp_path: Path) -> None:
+    server = OursServer(["--model", str(llama_dir), "--num-kv-blocks", "64"], tmp_path / "s.log")
+    try:
+        with pytest.raises(HttpError, match="answered 400"):
+            server.complete([5, 6, 7], -1)  # max_tokens -1: a 400, not a hang
+    finally:
+        server.close()
+    assert server.proc.poll() is not None
 
 
 def test_batch_curve_table_and_png(tmp_path: Path) -> None:
