@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ from asyncengine.config import EngineConfig
 from asyncengine.models.weights import WeightLoadError, read_safetensors
 from asyncengine.outputs import CompletionResult
 from asyncengine.sampling_params import SamplingParams
-from tests.step_gate import StepGate, all_running
+from tests.step_gate import TIMEOUT_S, StepGate, all_running
 from tests.tiny_models import make_model_dir
 
 PROMPT = list(range(10, 40))
@@ -45,12 +45,28 @@ async def collect(eng: AsyncEngine, prompt: list[int], sp: SamplingParams, res: 
     return res
 
 
-async def start(eng: AsyncEngine, n: int = 16) -> tuple[StepGate, list[asyncio.Task[CompletionResult]]]:
+async def until(cond: Callable[[], bool], what: str) -> None:
+    for _ in range(int(TIMEOUT_S * 1000)):
+        if cond():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"{what} did not happen in {TIMEOUT_S} s")
+
+
+async def start(eng: AsyncEngine, n: int = 16, max_tokens: int = MAX_TOKENS,
+                ) -> tuple[StepGate, list[asyncio.Task[CompletionResult]]]:
     """n requests in flight; the step thread held at the first boundary where each has
-    at least one token out (and none has finished): the next command lands there."""
+    at least one token out (and none has finished): the next command lands there. They
+    are queued while the engine is paused and admitted together at resume: started one
+    by one, a loaded machine could run the first to its end before the loop started the
+    last, and the gate's condition would never hold."""
     gate = StepGate(eng, all_running(n))
+    await eng.pause("keep")
     results = [CompletionResult(request_id=str(i), prompt_token_ids=PROMPT[: 10 + i]) for i in range(n)]
-    tasks = [asyncio.create_task(collect(eng, r.prompt_token_ids, params(i), r)) for i, r in enumerate(results)]
+    tasks = [asyncio.create_task(collect(eng, r.prompt_token_ids, params(i, max_tokens), r))
+             for i, r in enumerate(results)]
+    await until(lambda: eng.stats()["num_paused_requests"] == n, f"queueing {n} requests")
+    await eng.resume()
     await gate.wait()
     return gate, tasks
 
@@ -193,10 +209,13 @@ async def test_shutdown_during_pause_wait_fails_held_requests(llama_dir: Path) -
     from asyncengine.async_engine import EngineDeadError
 
     eng = AsyncEngine.from_config(EngineConfig(model=str(llama_dir), num_kv_blocks=256, num_threads=1))
-    gate, tasks = await start(eng, 2)
+    # Long enough that the drain is still on when the late request is held (once drained,
+    # a request added while paused is queued in the core and ends "abort" at shutdown).
+    gate, tasks = await start(eng, 2, max_tokens=400)
     pausing = await gate.land(eng.pause("wait"))
     late = asyncio.create_task(collect(eng, PROMPT, params(0, 400), CompletionResult("late", PROMPT)))
-    await asyncio.sleep(0.01)
+    await until(lambda: eng.stats()["num_paused_requests"] == 1, "holding the late request")
+    assert not pausing.done()  # still draining
     eng.shutdown()
     await asyncio.gather(*tasks, pausing, return_exceptions=True)
     with pytest.raises(EngineDeadError):
