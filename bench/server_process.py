@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -39,27 +40,42 @@ def start_server(
     raise TimeoutError("server did not start")
 
 
+def reset_peak_rss(pid: int | str = "self") -> bool:
+    """Reset the kernel's peak-RSS mark of a process (Linux); False where it cannot."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """A process's peak resident set since the last reset_peak_rss (else since it started);
+    for this process, the rusage figure where /proc cannot say."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        if pid != "self":
+            raise
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class ChildProcess:
     """A server child process (`proc`) the benches measure from outside, through /proc:
     its CPU time, its peak RSS (reset before a timed run), and stopping it."""
 
     proc: subprocess.Popen[bytes]
 
-    def _proc_file(self, name: str) -> str:
-        return Path(f"/proc/{self.proc.pid}/{name}").read_text()
-
     def reset_peak_rss(self) -> None:
-        try:
-            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
-        except OSError:
-            pass
+        reset_peak_rss(self.proc.pid)
 
     def peak_rss_bytes(self) -> int:
-        line = next(x for x in self._proc_file("status").splitlines() if x.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
+        return peak_rss_bytes(self.proc.pid)
 
     def cpu_seconds(self) -> float:
-        fields = self._proc_file("stat").rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""The speed of light of a generation workload on this machine, and peak RSS.
+"""The speed of light of a generation workload on this machine.
 
 The machine's limits are measured in the same run by compiled probes
 (kernels/csrc/sol_probe_cpu.cpp, on every intra-op thread): the fp32 FMA peak of a
@@ -25,7 +25,6 @@ next to it, kv_hidden=False: per step compute time plus the time to stream the c
 """
 from __future__ import annotations
 
-import resource
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -171,23 +170,3 @@ def decode_sol_seconds(cost: ModelCost, m: Machine, lengths: list[int], new_toke
         ctx = sum(lengths) + j * len(lengths)
         total += _step_seconds(cost, m, len(lengths), ctx, len(lengths), ctx - len(lengths))
     return total
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux); False where it cannot."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set since the last reset_peak_rss (else since start)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -57,9 +57,8 @@ from asyncengine.model_files import resolve_model  # noqa: E402
 from asyncengine.sampling_params import SamplingParams  # noqa: E402
 from bench.llamacpp import PeerError, Server, find_binary, prepared_ggufs, run_peer  # noqa: E402
 from bench.ours_http import kv_blocks_for, run_ours_http  # noqa: E402
-from bench.sol import (  # noqa: E402
-    Machine, ModelCost, faster, measure_machine, peak_rss_bytes, reset_peak_rss, sol_seconds,
-)
+from bench.server_process import peak_rss_bytes, reset_peak_rss  # noqa: E402
+from bench.sol import Machine, ModelCost, faster, measure_machine, sol_seconds  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
